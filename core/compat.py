@@ -1,0 +1,130 @@
+"""Fixes for the known breakages of NNI 3.0 (archived) on the current torch / setuptools stack.
+
+Applied once when :mod:`retia` is imported. Each fix is small, targeted and says why it exists.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import sys
+import types
+import warnings
+from pathlib import Path
+
+_applied = False
+
+# Classes a NAS strategy checkpoint may hold besides tensors: NNI's own objects (evolution individuals,
+# mutable labels), numpy random states, and plain containers. Nothing else is unpickled.
+SAFE_GLOBAL_PREFIXES = ("nni.", "numpy.dtypes.")
+SAFE_GLOBALS = {
+    "builtins.set", "builtins.frozenset", "builtins.slice", "builtins.complex",
+    "collections.OrderedDict", "collections.deque", "collections.defaultdict",
+    "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar",
+    "numpy.ndarray", "numpy.dtype",
+}
+
+
+def is_safe_global(name: str) -> bool:
+    """True when ``name`` (``module.qualname``) is on the strategy-checkpoint allow-list."""
+    return name in SAFE_GLOBALS or name.startswith(SAFE_GLOBAL_PREFIXES)
+
+
+def _import_global(name: str):
+    module, _, attr = name.rpartition(".")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _numpy_dtype_classes() -> list:
+    # numpy arrays rebuild their dtype through classes (numpy.dtypes.UInt32DType, ...) that torch's scan misses
+    import numpy
+
+    return [c for c in vars(numpy.dtypes).values() if isinstance(c, type) and issubclass(c, numpy.dtype)]
+
+
+def safe_torch_load(path: str | Path, map_location=None):
+    """``torch.load(weights_only=True)`` that also admits the allow-listed NNI / numpy globals of ``path``."""
+    import torch
+
+    from .errors import RetiaError
+
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    refused = sorted(n for n in names if not is_safe_global(n))
+    if refused:
+        raise RetiaError(f"checkpoint {path} holds classes outside retia's allow-list: {', '.join(refused)}")
+    allowed = [_import_global(n) for n in names] + _numpy_dtype_classes()
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(str(path), map_location=map_location, weights_only=True)
+
+
+def _patch_strategy_checkpoints() -> None:
+    # torch>=2.6 loads with weights_only=True, which rejects NNI's strategy state (exp.resume() breaks).
+    from nni.nas.utils import serializer
+
+    def load(self, path):
+        return safe_torch_load(serializer._find_path_with_prefix(path, self.suffix), self._map_location)
+
+    serializer.TorchSerializer.load = load
+
+
+def _patch_pkg_resources() -> None:
+    # nnictl and NNI's trial tools `import pkg_resources`, which setuptools>=82 removed: shim what they use.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    try:
+        import pkg_resources  # noqa: F401
+        return
+    except ImportError:
+        pass
+    shim = types.ModuleType("pkg_resources")
+
+    class ResolutionError(Exception):
+        pass
+
+    class _Distribution:
+        def __init__(self, name: str):
+            try:
+                self.version = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError as exc:
+                raise ResolutionError(name) from exc
+            self.project_name = name
+
+    shim.ResolutionError = ResolutionError
+    shim.DistributionNotFound = ResolutionError
+    shim.get_distribution = _Distribution
+    sys.modules["pkg_resources"] = shim
+
+
+def _patch_crypten_import() -> None:
+    # crypten 0.4.1 imports torch.onnx._internal.registration, which moved under torchscript_exporter in torch 2.9.
+    try:
+        import torch.onnx._internal as internal
+    except ImportError:
+        return
+    if "torch.onnx._internal.registration" in sys.modules or hasattr(internal, "registration"):
+        return
+    try:
+        moved = importlib.import_module("torch.onnx._internal.torchscript_exporter.registration")
+    except ImportError:
+        return
+    sys.modules["torch.onnx._internal.registration"] = moved
+    internal.registration = moved
+
+
+def _quiet_nni_warnings() -> None:
+    # NNI walks torch.nn and warns for every non-Module class newer torch added there (Buffer, ...): noise only.
+    warnings.filterwarnings("ignore", message=r".*is found to be not a nn\.Module.*", category=RuntimeWarning)
+
+
+def apply() -> None:
+    """Apply every fix once; safe to call again."""
+    global _applied
+    if _applied:
+        return
+    _quiet_nni_warnings()
+    _patch_pkg_resources()
+    _patch_crypten_import()
+    _patch_strategy_checkpoints()
+    _applied = True
