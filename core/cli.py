@@ -37,6 +37,20 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def set_threads(threads: int | None) -> None:
+    """Torch intra-op threads. Small models run fastest on one thread; oversubscribed OpenMP threads on a busy
+    machine make each op many times slower."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def add_threads_arg(parser) -> None:
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch CPU threads (default: %(default)s; raise it for big models on an idle machine)")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an int > 0."""
     import argparse

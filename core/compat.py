@@ -113,9 +113,44 @@ def _patch_crypten_import() -> None:
     internal.registration = moved
 
 
+class _DropMessages:
+    """A logging filter dropping records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str):
+        self.prefixes = prefixes
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def _patch_tuner_import_data() -> None:
+    # On resume NNI manager replays finished trials as ImportData, which NAS's tuner channel rejects (ts-engine
+    # exp.resume() dies); NAS strategies restore that history from their own checkpoint, so the command is skipped.
+    from nni.runtime.tuner_command_channel.channel import TunerCommandChannel
+    from nni.runtime.tuner_command_channel.command_type import CommandType
+
+    receive = TunerCommandChannel._receive
+
+    def _receive(self):
+        while True:
+            command_type, data = receive(self)
+            if command_type != CommandType.ImportData:
+                return command_type, data
+
+    TunerCommandChannel._receive = _receive
+
+
 def _quiet_nni_warnings() -> None:
     # NNI walks torch.nn and warns for every non-Module class newer torch added there (Buffer, ...): noise only.
     warnings.filterwarnings("ignore", message=r".*is found to be not a nn\.Module.*", category=RuntimeWarning)
+    # NNI re-validates the config at every checkpoint and warns each time that sequential runs ignore it;
+    # retia checkpoints one-shot weights itself (safetensors), so NNI's "no checkpoint callback" is noise too.
+    import logging
+
+    logging.getLogger("nni.nas.experiment.config.experiment").addFilter(
+        _DropMessages("`training_service` will be ignored"))
+    logging.getLogger("nni.nas.oneshot.pytorch.strategy").addFilter(
+        _DropMessages("Checkpoint callback is found to be None"))
 
 
 def apply() -> None:
@@ -127,4 +162,5 @@ def apply() -> None:
     _patch_pkg_resources()
     _patch_crypten_import()
     _patch_strategy_checkpoints()
+    _patch_tuner_import_data()
     _applied = True

@@ -22,7 +22,7 @@ from ..weights import load_meta, load_weights
 
 CONFIG_DIR = Path(__file__).with_name("autoformer_configs")
 
-# Paper presets (search space of the supernet), plus `micro`: 32x32 inputs, 4x4 patches, at most ~0.5M params,
+# Paper presets (search space of the supernet), plus `micro`: 32x32 inputs, 8x8 patches (17 tokens), <0.5M params,
 # so a supernet trains on a laptop CPU in minutes.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(search_embed_dim=(192, 216, 240), search_mlp_ratio=(3.0, 3.5, 4.0), search_num_heads=(3, 4),
@@ -32,7 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": dict(search_embed_dim=(528, 576, 624), search_mlp_ratio=(3.0, 3.5, 4.0), search_num_heads=(8, 9, 10),
                  search_depth=(14, 15, 16)),
     "micro": dict(search_embed_dim=(48, 64, 96), search_mlp_ratio=(2.0, 3.0, 4.0), search_num_heads=(1, 2),
-                  search_depth=(2, 3, 4), img_size=32, patch_size=4, num_labels=10, drop_path_rate=0.05),
+                  search_depth=(2, 3, 4), img_size=32, patch_size=8, num_labels=10, drop_path_rate=0.05),
 }
 SEARCHED = {"autoformer-tiny": ("tiny", "AutoFormer-T.yaml"), "autoformer-small": ("small", "AutoFormer-S.yaml"),
             "autoformer-base": ("base", "AutoFormer-B.yaml")}
@@ -113,6 +113,52 @@ class AutoformerSpace(AutoFormer):
             arch[f"mlp_ratio_{i}"] = float(ratio)
             arch[f"num_head_{i}"] = int(heads)
         return preset, arch
+
+    @staticmethod
+    def count_params(arch: dict[str, Any], config: dict[str, Any]) -> int:
+        """Parameters of the subnet ``arch`` in closed form (equals ``sum(p.numel())`` of the built subnet).
+
+        Per layer with embed dim e, h heads of 64 dims, hidden width int(e*r): q/k/v and proj
+        ``4*64h*e + 3*64h + e``, two relative-position modules ``2*2*(2L+2)*64`` (L = patches per side), two
+        layer norms ``4e``, the MLP ``2*e*int(e*r) + int(e*r) + e``; plus patch embedding, cls token, position
+        embedding, final norm and head.
+        """
+        e, depth = arch["embed_dim"], arch["depth"]
+        img, patch = config.get("img_size", 224), config.get("patch_size", 16)
+        classes, channels = config.get("num_labels", 1000), config.get("in_channels", 3)
+        side = img // patch
+        rpe = config.get("rpe", True)
+        total = channels * patch * patch * e + e + e + (side * side + 1) * e + 2 * e
+        total += e * classes + classes if classes > 0 else 0
+        for i in range(depth):
+            qk = 64 * arch[f"num_head_{i}"]
+            hidden = int(e * arch[f"mlp_ratio_{i}"])
+            total += 4 * qk * e + 3 * qk * config.get("qkv_bias", True) + e
+            total += 2 * 2 * (2 * side + 2) * 64 if rpe else 0
+            total += 4 * e + 2 * e * hidden + hidden + e
+        return total
+
+    @staticmethod
+    def count_flops(arch: dict[str, Any], config: dict[str, Any]) -> int:
+        """Multiply-adds of one image through the subnet ``arch`` in closed form (equals torch's
+        ``FlopCounterMode`` / 2: matmuls, linears and the patch convolution; norms and softmax are not counted).
+
+        Per layer with N tokens: q/k/v/proj ``4*N*e*64h``, QK^T, AV and the two relative-position products
+        ``4*h*N^2*64``, the MLP ``2*N*e*int(e*r)``.
+        """
+        e, depth = arch["embed_dim"], arch["depth"]
+        img, patch = config.get("img_size", 224), config.get("patch_size", 16)
+        classes, channels = config.get("num_labels", 1000), config.get("in_channels", 3)
+        side = img // patch
+        tokens = side * side + 1
+        attn_products = 4 if config.get("rpe", True) else 2
+        total = side * side * e * channels * patch * patch + (e * classes if classes > 0 else 0)
+        for i in range(depth):
+            heads = arch[f"num_head_{i}"]
+            hidden = int(e * arch[f"mlp_ratio_{i}"])
+            total += 4 * tokens * e * 64 * heads + attn_products * heads * tokens * tokens * 64
+            total += 2 * tokens * e * hidden
+        return total
 
     # models ---------------------------------------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,148 @@
+"""Image-classification training as an NNI Lightning evaluator (AutoFormer's recipe, usable for any space).
+
+AdamW with linear warmup then cosine decay (per step), label smoothing, mixup / cutmix (timm), top-1 / top-5
+(torchmetrics). Under NNI's ``RandomOneShot`` this module trains a weight-sharing supernet: each step runs one
+uniformly sampled subnet. Hyperparameters are saved (``self.hparams``), logs go to TensorBoard and CSV, weights
+are written as safetensors with a JSON sidecar at the end of every epoch — no pickled checkpoints.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import nni
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from nni.nas.evaluator.pytorch import Lightning, LightningModule, Trainer
+from torch import nn
+
+from ..weights import save_weights
+
+
+class ClassificationModule(LightningModule):
+    """Supervised classification with the AutoFormer training recipe (see the module docstring)."""
+
+    def __init__(self, num_classes: int, learning_rate: float = 5e-4, weight_decay: float = 0.05,
+                 warmup_epochs: float = 5, min_lr: float = 1e-5, warmup_lr: float = 1e-6,
+                 label_smoothing: float = 0.1, mixup: float = 0.8, cutmix: float = 1.0, mixup_prob: float = 1.0,
+                 mixup_switch_prob: float = 0.5, report_to_nni: bool = True):
+        super().__init__()
+        self.save_hyperparameters()
+        self.top1 = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=1)
+        self.top5 = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=min(5, num_classes))
+        self.mixup_fn = None
+        if mixup > 0 or cutmix > 0:
+            from timm.data import Mixup
+
+            self.mixup_fn = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
+                                  switch_prob=mixup_switch_prob, label_smoothing=label_smoothing,
+                                  num_classes=num_classes)
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.mixup_fn is not None and x.shape[0] % 2 == 0:
+            x, soft = self.mixup_fn(x, y)
+            loss = torch.sum(-soft * torch.log_softmax(self(x), dim=-1), dim=-1).mean()
+        else:
+            loss = nn.functional.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.top1(logits, y)
+        self.top5(logits, y)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y), prog_bar=False)
+        self.log("val_top1", self.top1, prog_bar=True)
+        self.log("val_top5", self.top5, prog_bar=False)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            # No weight decay on biases, norms, tokens and position tables (as timm / AutoFormer).
+            (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) or "embeddings_table" in name
+             else decay).append(p)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=hp.learning_rate)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup = int(total * min(hp.warmup_epochs, epochs) / epochs)
+        schedule = warmup_cosine(total, warmup, hp.learning_rate, hp.warmup_lr, hp.min_lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / hp.learning_rate)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_validation_epoch_end(self):
+        if self.hparams.report_to_nni and nni.get_current_parameter() is not None \
+                and not self.trainer.sanity_checking and "val_top1" in self.trainer.callback_metrics:
+            nni.report_intermediate_result(float(self.trainer.callback_metrics["val_top1"]))
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, base_lr: float, warmup_lr: float = 1e-6,
+                  min_lr: float = 1e-5) -> Callable[[int], float]:
+    """Learning rate at a step: linear from ``warmup_lr`` to ``base_lr`` over ``warmup_steps``, then cosine down to
+    ``min_lr`` at ``total_steps``."""
+    def lr(step: int) -> float:
+        if step < warmup_steps:
+            return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+    return lr
+
+
+class SafetensorsCheckpoint(pl.Callback):
+    """Writes ``module_fn()``'s weights to ``<dirpath>/last.safetensors`` (+ JSON sidecar with ``meta``) after
+    every epoch, and to ``best.safetensors`` when ``monitor`` improves."""
+
+    def __init__(self, dirpath: str | Path, module_fn: Callable[[], nn.Module], meta: dict[str, Any],
+                 monitor: str = "val_top1"):
+        super().__init__()
+        self.dirpath, self.module_fn, self.meta, self.monitor = Path(dirpath), module_fn, meta, monitor
+        self.best = -math.inf
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.global_rank != 0:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        meta = dict(self.meta, epoch=trainer.current_epoch, metrics=metrics)
+        state = self.module_fn().state_dict()
+        save_weights(state, self.dirpath / "last.safetensors", meta)
+        score = metrics.get(self.monitor)
+        if score is not None and score > self.best:
+            self.best = score
+            save_weights(state, self.dirpath / "best.safetensors", meta)
+
+
+def classification_evaluator(datamodule: pl.LightningDataModule, num_classes: int, max_epochs: int,
+                             log_dir: str | Path, callbacks: list[pl.Callback] | None = None,
+                             accelerator: str = "auto", devices: int | str = "auto", strategy: str = "auto",
+                             precision: str | None = None, limit_train_batches: float | int | None = None,
+                             enable_progress_bar: bool = True, **module_kwargs: Any) -> Lightning:
+    """An NNI ``Lightning`` evaluator training :class:`ClassificationModule` on ``datamodule``.
+
+    ``devices`` / ``strategy`` / ``accelerator`` go to Lightning's Trainer: e.g. ``devices=4, strategy="ddp"`` for
+    four GPUs, ``num_nodes`` through ``SLURM``/``torchrun`` as Lightning documents.
+    """
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    trainer_kwargs: dict[str, Any] = {}
+    if precision:
+        trainer_kwargs["precision"] = precision
+    if limit_train_batches is not None:
+        trainer_kwargs["limit_train_batches"] = limit_train_batches
+    trainer = Trainer(
+        max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy,
+        logger=[TensorBoardLogger(str(log_dir), name="tensorboard"), CSVLogger(str(log_dir), name="csv")],
+        callbacks=callbacks or [], enable_checkpointing=False, enable_progress_bar=enable_progress_bar,
+        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, **trainer_kwargs)
+    module = ClassificationModule(num_classes=num_classes, **module_kwargs)
+    return Lightning(module, trainer, datamodule=datamodule)

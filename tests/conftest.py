@@ -1,0 +1,18 @@
+"""Test-suite setup: CPU only, one torch thread (small models on a shared 2-core box run fastest that way)."""
+import os
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import retia  # noqa: E402,F401  (applies the compatibility fixes)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tmp_run(tmp_path):
+    """A fresh directory for a run's outputs."""
+    return tmp_path / "run"

@@ -1,0 +1,68 @@
+"""The stack fixes applied on `import retia`."""
+import importlib
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from retia import compat
+from retia.errors import RetiaError
+
+
+def test_strategy_checkpoint_with_nni_and_numpy_state_loads_safely(tmp_path):
+    from nni.nas.strategy import RegularizedEvolution
+    from nni.nas.strategy.evolution import Individual
+    from nni.nas.utils.serializer import TorchSerializer
+
+    strategy = RegularizedEvolution(population_size=3, sample_size=2, seed=1)
+    strategy._population.append(Individual({"embed_dim": 64}, 0.5))
+    state = {"version": 1, "strategy": strategy.state_dict()}
+    TorchSerializer().save(state, tmp_path / "state.ckpt")
+    with pytest.raises(pickle.UnpicklingError):  # plain torch>=2.6 refuses it: the breakage being fixed
+        torch.load(tmp_path / "state.ckpt.torch")
+    loaded = TorchSerializer().load(tmp_path / "state.ckpt")
+    restored = RegularizedEvolution(population_size=3, sample_size=2)
+    restored.load_state_dict(loaded["strategy"])
+    assert list(restored._population) == [Individual({"embed_dim": 64}, 0.5)]
+    assert np.array_equal(restored._random_state.get_state()[1], strategy._random_state.get_state()[1])
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoint_with_foreign_class_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "evil.torch"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(RetiaError, match="builtins.print"):
+        compat.safe_torch_load(path)
+
+
+def test_allow_list_scope():
+    assert compat.is_safe_global("nni.nas.strategy.evolution.Individual")
+    assert compat.is_safe_global("numpy.ndarray")
+    assert not compat.is_safe_global("os.system")
+    assert not compat.is_safe_global("builtins.eval")
+
+
+def test_pkg_resources_shim_when_setuptools_lacks_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pkg_resources", None)  # import now raises ImportError
+    compat._patch_pkg_resources()
+    shim = sys.modules["pkg_resources"]
+    assert shim.get_distribution("nni").version == "3.0"
+    with pytest.raises(shim.ResolutionError):
+        shim.get_distribution("no-such-distribution-retia")
+
+
+def test_crypten_imports_after_the_registration_alias():
+    pytest.importorskip("onnx", reason="crypten extra not installed")
+    if importlib.util.find_spec("crypten") is None:
+        pytest.skip("crypten is not installed (make install adds it)")
+    import crypten
+
+    crypten.init()
+    x = crypten.cryptensor(torch.tensor([1.0, 2.0]))
+    assert torch.allclose((x * 3).get_plain_text(), torch.tensor([3.0, 6.0]))
