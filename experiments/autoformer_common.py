@@ -138,8 +138,9 @@ def search(supernet: AutoformerSpace, config: dict[str, Any], datamodule, run: R
                                         seed=args.seed, constraint=constraint)
     else:
         strategy = ConstrainedRandom(seed=args.seed, constraint=constraint)
-    state = run.read_json("run.json") if resume else {}
-    experiment = NasExperiment(supernet, scorer.evaluator(), strategy, id=state.get("experiment_id"))
+    state = run.read_json("run.json") if (run.path / "run.json").exists() else {}
+    experiment = NasExperiment(supernet, scorer.evaluator(), strategy,
+                               id=state.get("experiment_id") if resume else None)
     experiment.config.max_trial_number = args.evolution_cycles
     experiment.config.experiment_working_directory = str((run.path / "nni").resolve())
     if getattr(args, "port", None):

@@ -89,13 +89,9 @@ class FolderDataModule(pl.LightningDataModule):
         return sum(1 for p in split.iterdir() if p.is_dir())
 
     def _cifar(self, train: bool):
-        from torchvision import datasets
+        from .cifar import CIFAR
 
-        cls = datasets.CIFAR10 if self.layout == "cifar10" else datasets.CIFAR100
-        try:
-            return cls(str(self.root), train=train, download=False, transform=cifar_transforms(self.image_size, train))
-        except RuntimeError as exc:
-            raise RetiaError(f"datapath {str(self.root)!r}: CIFAR files are missing or corrupt ({exc})") from None
+        return CIFAR(self.root, self.layout, train=train, transform=cifar_transforms(self.image_size, train))
 
     def _folder(self, split: Path, train: bool):
         from torchvision import datasets
