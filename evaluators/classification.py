@@ -7,6 +7,7 @@ are written as safetensors with a JSON sidecar at the end of every epoch — no 
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +19,10 @@ import torchmetrics
 from nni.nas.evaluator.pytorch import Lightning, LightningModule, Trainer
 from torch import nn
 
-from ..weights import save_weights
+from ..errors import RetiaError
+from ..weights import load_weights, save_weights
+
+_logger = logging.getLogger(__name__)
 
 
 class ClassificationModule(LightningModule):
@@ -27,7 +31,7 @@ class ClassificationModule(LightningModule):
     def __init__(self, num_classes: int, learning_rate: float = 5e-4, weight_decay: float = 0.05,
                  warmup_epochs: float = 5, min_lr: float = 1e-5, warmup_lr: float = 1e-6,
                  label_smoothing: float = 0.1, mixup: float = 0.8, cutmix: float = 1.0, mixup_prob: float = 1.0,
-                 mixup_switch_prob: float = 0.5, report_to_nni: bool = True):
+                 mixup_switch_prob: float = 0.5, report_to_nni: bool = True, init_weights: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.top1 = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=1)
@@ -42,6 +46,12 @@ class ClassificationModule(LightningModule):
 
     def forward(self, x):
         return self.model(x)
+
+    def on_fit_start(self):
+        # Fine-tuning: start from pretrained (super)net weights; tensors whose shape differs (a classifier head for
+        # another class count) keep their fresh initialisation.
+        if self.hparams.init_weights:
+            load_matching(self.model, self.hparams.init_weights)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -77,7 +87,9 @@ class ClassificationModule(LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)
         warmup = int(total * min(hp.warmup_epochs, epochs) / epochs)
-        schedule = warmup_cosine(total, warmup, hp.learning_rate, hp.warmup_lr, hp.min_lr)
+        # the warmup start and cosine floor never exceed the base rate (a tiny --learning-rate stays tiny)
+        schedule = warmup_cosine(total, warmup, hp.learning_rate, min(hp.warmup_lr, hp.learning_rate),
+                                 min(hp.min_lr, hp.learning_rate))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / hp.learning_rate)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -85,6 +97,20 @@ class ClassificationModule(LightningModule):
         if self.hparams.report_to_nni and nni.get_current_parameter() is not None \
                 and not self.trainer.sanity_checking and "val_top1" in self.trainer.callback_metrics:
             nni.report_intermediate_result(float(self.trainer.callback_metrics["val_top1"]))
+
+
+def load_matching(model: nn.Module, path: str) -> list[str]:
+    """Load the tensors of ``path`` whose name and shape match ``model``; returns the names left as they were."""
+    state = load_weights(path)
+    own = model.state_dict()
+    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(kept) < len(own) // 2:
+        raise RetiaError(f"weights {path!r} do not fit this model ({len(kept)}/{len(own)} tensors match)")
+    model.load_state_dict(kept, strict=False)
+    skipped = sorted(set(own) - set(kept))
+    if skipped:
+        _logger.warning("kept the fresh initialisation of %s (not in %s or another shape)", ", ".join(skipped), path)
+    return skipped
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, base_lr: float, warmup_lr: float = 1e-6,

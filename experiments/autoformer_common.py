@@ -17,7 +17,7 @@ from retia.evaluators.classification import SafetensorsCheckpoint, classificatio
 from retia.evaluators.weight_sharing import SubnetScorer
 from retia.results import RunDir
 from retia.spaces.autoformer import SUBNET_KIND, SUPERNET_KIND, AutoformerSpace
-from retia.weights import load_meta, load_weights, save_weights
+from retia.weights import load_meta, save_weights
 
 _logger = logging.getLogger("retia.autoformer")
 
@@ -74,8 +74,9 @@ def train_supernet(config: dict[str, Any], datamodule, out_dir: Path, args: argp
                    init_weights: str | None = None) -> Path:
     """Train the weight-sharing supernet of ``config`` with NNI's ``RandomOneShot``; returns its weights file.
 
-    ``init_weights`` (a supernet weights file) fine-tunes instead of training from scratch; a classifier head of
-    another size is re-initialised.
+    ``init_weights`` (a supernet weights file) fine-tunes instead of training from scratch: the Lightning module
+    loads it into the supernet when fitting starts (as NNI's example does); a classifier head of another size keeps
+    its fresh initialisation.
     """
     from nni.nas.experiment import NasExperiment
     from nni.nas.strategy import RandomOneShot
@@ -83,35 +84,19 @@ def train_supernet(config: dict[str, Any], datamodule, out_dir: Path, args: argp
     space = AutoformerSpace.from_config(config)
     meta = {"kind": SUPERNET_KIND, "config": config}
     strategy = RandomOneShot()
-    if init_weights is not None:
-        # Mutate first, load, then let the experiment reuse the mutated space (NNI skips already-mixed ops).
-        strategy.mutate_model(space)
-        _load_pretrained(space, init_weights)
     callback = SafetensorsCheckpoint(out_dir, lambda: space, meta)
     evaluator = classification_evaluator(
         datamodule, num_classes=config["num_labels"], max_epochs=args.epochs, log_dir=out_dir / "logs",
         callbacks=[callback], accelerator=args.accelerator, devices=_devices(args.devices),
         strategy=args.dist_strategy, precision=args.precision, learning_rate=args.learning_rate,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup, label_smoothing=args.label_smoothing,
-        mixup=args.mixup, cutmix=args.cutmix)
+        mixup=args.mixup, cutmix=args.cutmix, init_weights=init_weights)
     experiment = NasExperiment(space, evaluator, strategy)
     experiment.config.experiment_working_directory = str((out_dir / "nni").resolve())
     experiment.run()
     weights = out_dir / "last.safetensors"
     save_weights(space.state_dict(), weights, dict(meta, finished=True))
     return weights
-
-
-def _load_pretrained(supernet: AutoformerSpace, path: str) -> None:
-    state = load_weights(path)
-    own = supernet.state_dict()
-    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    skipped = sorted(set(own) - set(kept))
-    if len(kept) < len(own) // 2:
-        raise RetiaError(f"--weights {path!r} do not fit this supernet ({len(kept)}/{len(own)} tensors match)")
-    supernet.load_state_dict(kept, strict=False)
-    if skipped:
-        _logger.warning("fine-tuning: re-initialised %s (shape differs from %s)", ", ".join(skipped), path)
 
 
 def search(supernet: AutoformerSpace, config: dict[str, Any], datamodule, run: RunDir, strategy_name: str,
