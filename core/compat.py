@@ -123,18 +123,18 @@ class _DropMessages:
         return not str(record.msg).startswith(self.prefixes)
 
 
-def _patch_tuner_import_data() -> None:
-    # On resume NNI manager replays finished trials as ImportData, which NAS's tuner channel rejects (ts-engine
-    # exp.resume() dies); NAS strategies restore that history from their own checkpoint, so the command is skipped.
+def _patch_tuner_resume_replay() -> None:
+    # On resume NNI manager replays trials to the tuner (ImportData, AddCustomizedTrialJob), which NAS's channel rejects
+    # ("Unknown command type", ts-engine exp.resume() dies); NAS strategies restore them from their own checkpoint.
     from nni.runtime.tuner_command_channel.channel import TunerCommandChannel
     from nni.runtime.tuner_command_channel.command_type import CommandType
 
-    receive = TunerCommandChannel._receive
+    receive, replay = TunerCommandChannel._receive, (CommandType.ImportData, CommandType.AddCustomizedTrialJob)
 
     def _receive(self):
         while True:
             command_type, data = receive(self)
-            if command_type != CommandType.ImportData:
+            if command_type not in replay:
                 return command_type, data
 
     TunerCommandChannel._receive = _receive
@@ -153,6 +153,24 @@ def _quiet_nni_warnings() -> None:
         _DropMessages("Checkpoint callback is found to be None"))
 
 
+def _patch_sequential_trial_state() -> None:
+    # NNI's sequential engine restores the trial channel after each model but leaves nni.trial._params set, so
+    # code run later in the same process believes it is inside a trial (reports go astray, mock_runtime refuses).
+    import nni.trial
+    from nni.nas.execution.sequential import SequentialExecutionEngine
+
+    run_single = SequentialExecutionEngine._run_single_model
+
+    def _run_single_model(self, model):
+        saved = nni.trial._params, nni.trial._intermediate_seq
+        try:
+            return run_single(self, model)
+        finally:
+            nni.trial._params, nni.trial._intermediate_seq = saved
+
+    SequentialExecutionEngine._run_single_model = _run_single_model
+
+
 def apply() -> None:
     """Apply every fix once; safe to call again."""
     global _applied
@@ -162,5 +180,6 @@ def apply() -> None:
     _patch_pkg_resources()
     _patch_crypten_import()
     _patch_strategy_checkpoints()
-    _patch_tuner_import_data()
+    _patch_sequential_trial_state()
+    _patch_tuner_resume_replay()
     _applied = True

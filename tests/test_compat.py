@@ -66,3 +66,33 @@ def test_crypten_imports_after_the_registration_alias():
     crypten.init()
     x = crypten.cryptensor(torch.tensor([1.0, 2.0]))
     assert torch.allclose((x * 3).get_plain_text(), torch.tensor([3.0, 6.0]))
+
+
+def test_sequential_engine_leaves_no_trial_state_behind(tmp_path):
+    import nni
+    from nni.nas.evaluator import FunctionalEvaluator
+    from nni.nas.experiment import NasExperiment
+    from nni.nas.experiment.config import RawModelFormatConfig, SequentialEngineConfig
+    from nni.nas.nn.pytorch import ModelSpace, MutableLinear
+    from nni.nas.strategy import Random
+
+    class Space(ModelSpace):
+        def __init__(self):
+            super().__init__()
+            self.fc = MutableLinear(1, nni.choice("width", [1, 2]))
+
+    inside = []
+
+    def evaluate(model):
+        inside.append(nni.get_current_parameter() is not None)
+        nni.report_final_result(1.0)
+
+    exp = NasExperiment(Space(), FunctionalEvaluator(evaluate), Random(seed=0))
+    exp.config.max_trial_number = 2
+    exp.config.execution_engine = SequentialEngineConfig()
+    exp.config.model_format = RawModelFormatConfig()
+    exp.config.experiment_working_directory = str(tmp_path)
+    exp.run()
+    exp.stop()
+    assert inside == [True, True]
+    assert nni.get_current_parameter() is None
