@@ -1,0 +1,14 @@
+"""AIO-P (Mills et al., AAAI-23): computational graphs of any PyTorch model and GNN performance predictors.
+
+- :mod:`.graph`: ``build_graph(model, input_shape) -> CompGraph``, ``save_graphs`` / ``load_graphs``
+  (safetensors + JSON), ``render``; ``python -m retia.evaluators.aiop.graph render --model resnet18 -o g.png``.
+- :mod:`.predictor`: ``GNNPredictor`` (k-GNN regressor), ``KAdapterPredictor``, ``FlopsPredictor``,
+  ``ParamsPredictor``, ``TargetNormalizer`` (``stand`` / ``stand_flops``), ``regression_metrics``,
+  ``load_predictor``.
+
+See docs/aiop.md.
+"""
+from .graph import FEATURES, OP_TYPES, CompGraph, build_graph, load_graph, load_graphs, save_graph, save_graphs
+
+__all__ = ["FEATURES", "OP_TYPES", "CompGraph", "build_graph", "load_graph", "load_graphs", "save_graph",
+           "save_graphs"]
