@@ -93,10 +93,22 @@ class ClassificationModule(LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / hp.learning_rate)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _top1_percent(self) -> float | None:
+        if not self.hparams.report_to_nni or nni.get_current_parameter() is None:
+            return None
+        value = self.trainer.callback_metrics.get("val_top1")
+        return None if value is None else 100.0 * float(value)
+
     def on_validation_epoch_end(self):
-        if self.hparams.report_to_nni and nni.get_current_parameter() is not None \
-                and not self.trainer.sanity_checking and "val_top1" in self.trainer.callback_metrics:
-            nni.report_intermediate_result(float(self.trainer.callback_metrics["val_top1"]))
+        # In an NNI trial (multi-trial search): top-1 in % after each epoch, and as the final result at the end.
+        top1 = self._top1_percent()
+        if top1 is not None and not self.trainer.sanity_checking:
+            nni.report_intermediate_result(top1)
+
+    def on_fit_end(self):
+        top1 = self._top1_percent()
+        if top1 is not None:
+            nni.report_final_result(top1)
 
 
 def load_matching(model: nn.Module, path: str) -> list[str]:

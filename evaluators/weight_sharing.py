@@ -40,9 +40,9 @@ class SubnetScorer:
 
     def __init__(self, run: RunDir, val_loader_fn: Callable[[], Iterable], input_shape: tuple[int, ...],
                  device: str = "cpu", param_counter: Callable[[dict], int] | None = None,
-                 flops_counter: Callable[[dict], int] | None = None, on_trial: Callable[[dict], None] | None = None):
+                 flops_counter: Callable[[dict], int] | None = None):
         self.run, self.val_loader_fn, self.input_shape = run, val_loader_fn, (1,) + tuple(input_shape)[1:]
-        self.device, self.param_counter, self.on_trial = device, param_counter, on_trial
+        self.device, self.param_counter = device, param_counter
         self.flops_counter = flops_counter
         self._loader = None
         self.evaluated = 0  # subnets actually run in this process (cache hits excluded)
@@ -70,8 +70,6 @@ class SubnetScorer:
         }
         self.evaluated += 1
         self.run.log_trial(record)
-        if self.on_trial:
-            self.on_trial(record)
         nni.report_final_result(record["top1"])
 
     def evaluator(self) -> FunctionalEvaluator:

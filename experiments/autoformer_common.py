@@ -14,6 +14,8 @@ from retia.cli import positive_int
 from retia.data import build_datamodule
 from retia.errors import RetiaError
 from retia.evaluators.classification import SafetensorsCheckpoint, classification_evaluator
+from nni.nas.evaluator import FunctionalEvaluator
+
 from retia.evaluators.weight_sharing import SubnetScorer
 from retia.results import RunDir
 from retia.spaces.autoformer import SUBNET_KIND, SUPERNET_KIND, AutoformerSpace
@@ -99,23 +101,39 @@ def train_supernet(config: dict[str, Any], datamodule, out_dir: Path, args: argp
     return weights
 
 
-def search(supernet: AutoformerSpace, config: dict[str, Any], datamodule, run: RunDir, strategy_name: str,
-           args: argparse.Namespace, resume: bool, on_trial: Callable[[dict], None] | None = None) -> SubnetScorer:
-    """Evolution / random search over subnets inheriting ``supernet``'s weights, as an NNI experiment."""
+def search(supernet: AutoformerSpace, config: dict[str, Any], weights: str, datamodule, run: RunDir,
+           strategy_name: str, args: argparse.Namespace, resume: bool,
+           progress: Callable[[list[dict]], None] | None = None) -> None:
+    """Evolution / random search over subnets inheriting ``supernet``'s weights, as an NNI experiment.
+
+    Sequential engine (default): trials run in this process on ``supernet``. With ``args.port``: NNI's
+    training-service engine serves the web UI and each trial loads its subnet from the ``weights`` file.
+    ``progress(trials)`` is called in this process after every finished trial.
+    """
+    import functools
+
     from nni.nas.experiment import NasExperiment
     from nni.nas.experiment.config import RawModelFormatConfig, SequentialEngineConfig
 
+    from retia.experiments.nni_frontend import (SubnetFromWeights, finish_for_nnictl, record_for_nnictl,
+                                                use_training_service)
     from retia.strategies import ConstrainedEvolution, ConstrainedRandom, ParamLimits
 
     constraint = None
     if args.min_params is not None or args.max_params is not None:
-        constraint = ParamLimits(lambda arch: AutoformerSpace.count_params(arch, config),
+        constraint = ParamLimits(functools.partial(AutoformerSpace.count_params, config=config),
                                  args.min_params, args.max_params)
-    datamodule.setup("validate")
     size = config.get("img_size", 224)
+    port = getattr(args, "port", None)
     scorer = SubnetScorer(run, datamodule.val_dataloader, (1, 3, size, size), device=args.device,
-                          param_counter=lambda arch: AutoformerSpace.count_params(arch, config),
-                          flops_counter=lambda arch: AutoformerSpace.count_flops(arch, config), on_trial=on_trial)
+                          param_counter=functools.partial(AutoformerSpace.count_params, config=config),
+                          flops_counter=functools.partial(AutoformerSpace.count_flops, config=config))
+    if port:  # trials are subprocesses: they get the subnet from the supernet file, not the object
+        evaluator = FunctionalEvaluator(SubnetFromWeights(
+            scorer, functools.partial(AutoformerSpace.load_subnet, weights=weights, config=config)))
+    else:
+        datamodule.setup("validate")
+        evaluator = scorer.evaluator()
     if strategy_name == "evolution":
         strategy = ConstrainedEvolution(population_size=args.evolution_population_size,
                                         sample_size=args.evolution_sample_size,
@@ -124,25 +142,25 @@ def search(supernet: AutoformerSpace, config: dict[str, Any], datamodule, run: R
     else:
         strategy = ConstrainedRandom(seed=args.seed, constraint=constraint)
     state = run.read_json("run.json") if (run.path / "run.json").exists() else {}
-    experiment = NasExperiment(supernet, scorer.evaluator(), strategy,
-                               id=state.get("experiment_id") if resume else None)
+    experiment = NasExperiment(supernet, evaluator, strategy, id=state.get("experiment_id") if resume else None)
     experiment.config.max_trial_number = args.evolution_cycles
     experiment.config.experiment_working_directory = str((run.path / "nni").resolve())
-    if getattr(args, "port", None):
-        from retia.experiments.nni_frontend import use_training_service
-
+    if port:
         use_training_service(experiment, concurrency=args.concurrency)
     else:
         experiment.config.execution_engine = SequentialEngineConfig()
         experiment.config.model_format = RawModelFormatConfig()
     strategy.trial_end_hooks.append(lambda model: experiment.save_checkpoint())
+    if progress is not None:
+        strategy.trial_end_hooks.append(lambda model: progress(run.trials()))
     run.write_json("run.json", dict(state, experiment_id=experiment.id, strategy=strategy_name))
+    record = record_for_nnictl(experiment)  # so `nnictl view <id>` shows the search afterwards
     if resume and (run.path / "nni" / experiment.id / "checkpoint").exists():
-        experiment.resume(port=getattr(args, "port", None) or 8080)
+        experiment.resume(port=port or 8080)
     else:
-        experiment.run(port=getattr(args, "port", None) or 8080)
+        experiment.run(port=port or 8080)
     experiment.stop()
-    return scorer
+    finish_for_nnictl(experiment, record)
 
 
 def export_best(run: RunDir, supernet: AutoformerSpace, config: dict[str, Any]) -> dict[str, Any] | None:

@@ -88,14 +88,15 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=min(done, total), desc=f"{strategy} search", unit="trial", file=sys.stdout)
-    best = [max((t["top1"] for t in run.trials()), default=0.0)]
 
-    def on_trial(record: dict) -> None:
-        best[0] = max(best[0], record["top1"])
-        bar.update(1)
-        bar.set_postfix(top1=f"{record['top1']:.1f}", best=f"{best[0]:.1f}", params=f"{record['params'] / 1e6:.2f}M")
+    def progress(trials: list[dict]) -> None:
+        if not trials:
+            return
+        last, best = trials[-1], max(t["top1"] for t in trials)
+        bar.update(max(0, min(len(trials), total) - bar.n))
+        bar.set_postfix(top1=f"{last['top1']:.1f}", best=f"{best:.1f}", params=f"{last['params'] / 1e6:.2f}M")
 
-    common.search(supernet, config, datamodule, run, strategy, args, resume=args.resume, on_trial=on_trial)
+    common.search(supernet, config, weights, datamodule, run, strategy, args, resume=args.resume, progress=progress)
     bar.close()
     top = common.export_best(run, supernet, config)
     if top is None:

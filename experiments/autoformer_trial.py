@@ -76,7 +76,27 @@ def read_arch(args: argparse.Namespace) -> dict[str, Any]:
             raise RetiaError(f"--arch is not JSON ({exc})") from None
     if not isinstance(params, dict):
         raise RetiaError(f"trial parameters {params!r}: expected a dict of AutoFormer labels")
-    return dict(params)
+    return flatten_nested(params)
+
+
+def flatten_nested(params: dict[str, Any]) -> dict[str, Any]:
+    """NNI's nested-choice parameters (``{"depth": {"_name": 3, "num_head_0": 1, ...}}``) as a flat arch dict."""
+    out: dict[str, Any] = {}
+    for label, value in params.items():
+        if isinstance(value, dict) and "_name" in value:
+            out[label] = value["_name"]
+            out.update(flatten_nested({k: v for k, v in value.items() if k != "_name"}))
+        else:
+            out[label] = value
+    return out
+
+
+def canonical_arch(space, arch: dict[str, Any]) -> dict[str, Any]:
+    """``arch`` validated and completed by the space, each value replaced by the space's own (NNI's manager
+    turns ``4.0`` into ``4`` on the way to the trial)."""
+    full = space.complete_arch(arch)
+    values = {label: list(mutable.values) for label, mutable in space.simplify().items()}
+    return {k: values[k][values[k].index(v)] for k, v in full.items()}
 
 
 def space_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -157,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config = dict(config, num_labels=classes)
     with nni.mutable.frozen_context.bypass():
         space = AutoformerSpace.from_config(config)
-    arch = space.complete_arch(params)  # one-line RetiaError for an unknown label or an out-of-range value
+    arch = canonical_arch(space, params)  # one-line RetiaError for an unknown label or an out-of-range value
     if args.weights:
         model = AutoformerSpace.load_subnet(arch, weights=args.weights, config=config)
     else:

@@ -84,3 +84,38 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path):
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, out.stderr[-1500:]
+
+
+@pytest.mark.slow
+def test_port_mode_scores_inherited_subnets_in_trial_processes(tmp_path):
+    """--port: NNI's manager runs each trial as a subprocess that loads its subnet from the supernet file; the
+    scores equal slicing that file in this process."""
+    import socket
+
+    import torch
+
+    from retia.data import DigitsDataModule
+    from retia.evaluators.weight_sharing import accuracy
+    from retia.spaces.autoformer import SUPERNET_KIND, AutoformerSpace
+    from retia.weights import save_weights
+
+    torch.manual_seed(0)
+    config = AutoformerSpace.config("micro")
+    weights = save_weights(AutoformerSpace.build_supernet(config).state_dict(), tmp_path / "super.safetensors",
+                           {"kind": SUPERNET_KIND, "config": config})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    env = dict(os.environ, HOME=str(tmp_path))  # NNI's experiment manifest stays private to the test
+    out = subprocess.run(SEARCH + ["--weights", str(weights), "--output", str(run), "--evolution-cycles", "2",
+                                   "--port", str(port), "--device", "cpu"] + SMALL,
+                         capture_output=True, text=True, env=env, timeout=500)
+    assert out.returncode == 0, out.stderr[-2000:]
+    trials = _trials(run)
+    assert len(trials) == 2
+    dm = DigitsDataModule(image_size=32)
+    dm.setup()
+    for t in trials:
+        model = AutoformerSpace.load_subnet(t["arch"], weights=str(weights))
+        assert accuracy(model, dm.val_dataloader())["top1"] == pytest.approx(t["top1"], abs=1e-9)
