@@ -16,3 +16,14 @@ torch.set_num_threads(1)
 def tmp_run(tmp_path):
     """A fresh directory for a run's outputs."""
     return tmp_path / "run"
+
+
+@pytest.fixture(autouse=True)
+def _restore_nni_trial_state():
+    """Trial entry points run in-process by tests call nni.get_next_parameter() (standalone mode), which leaves
+    the module-level trial state set; restore it so each test starts outside any trial."""
+    import nni.trial
+
+    saved = nni.trial._params, nni.trial._intermediate_seq
+    yield
+    nni.trial._params, nni.trial._intermediate_seq = saved
