@@ -191,6 +191,8 @@ def supernet_config(args: argparse.Namespace, num_classes: int) -> dict[str, Any
 
 
 def supernet_from_weights(weights: str, num_classes: int | None = None) -> tuple[AutoformerSpace, dict[str, Any]]:
+    if not Path(weights).is_file():
+        raise RetiaError(f"--weights {weights!r} does not exist")
     meta = load_meta(weights)
     if meta is None or meta.get("kind") != SUPERNET_KIND:
         raise RetiaError(f"--weights {weights!r}: expected a retia supernet file (safetensors with a JSON sidecar "

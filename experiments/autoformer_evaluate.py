@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args) -> tuple[dict, dict]:
     """``(arch, config)`` from --name / --arch / the weights' sidecar."""
+    if args.weights and not Path(args.weights).is_file():
+        raise RetiaError(f"--weights {args.weights!r} does not exist")
     meta = load_meta(args.weights) if args.weights else None
     if args.weights and meta is None:
         raise RetiaError(f"--weights {args.weights!r}: no JSON sidecar; convert official files with "

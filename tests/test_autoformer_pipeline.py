@@ -76,6 +76,7 @@ def test_params_limits_hold_for_every_trial(tmp_path):
     (["--resume", "--output", "/nonexistent/retia-run"], "no earlier run"),
     (["--datapath", "/nonexistent/data"], "does not exist"),
     (["--min-params", "1M", "--max-params", "10k"], "min 1e+06 > max 10000"),
+    (["--weights", "/nonexistent/super.safetensors"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path):
     if "--output" not in argv:
