@@ -25,7 +25,28 @@ from ..weights import load_weights, save_weights
 _logger = logging.getLogger(__name__)
 
 
-class ClassificationModule(LightningModule):
+class ReportTop1ToNNI:
+    """Lightning-module mixin: inside an NNI trial (``hparams.report_to_nni``), report validation top-1 in % after
+    each epoch and as the final result at the end, the metric every retia classification search ranks by."""
+
+    def _top1_percent(self) -> float | None:
+        if not self.hparams.report_to_nni or nni.get_current_parameter() is None:
+            return None
+        value = self.trainer.callback_metrics.get("val_top1")
+        return None if value is None else 100.0 * float(value)
+
+    def on_validation_epoch_end(self):
+        top1 = self._top1_percent()
+        if top1 is not None and not self.trainer.sanity_checking:
+            nni.report_intermediate_result(top1)
+
+    def on_fit_end(self):
+        top1 = self._top1_percent()
+        if top1 is not None:
+            nni.report_final_result(top1)
+
+
+class ClassificationModule(ReportTop1ToNNI, LightningModule):
     """Supervised classification with the AutoFormer training recipe (see the module docstring)."""
 
     def __init__(self, num_classes: int, learning_rate: float = 5e-4, weight_decay: float = 0.05,
@@ -93,22 +114,6 @@ class ClassificationModule(LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / hp.learning_rate)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _top1_percent(self) -> float | None:
-        if not self.hparams.report_to_nni or nni.get_current_parameter() is None:
-            return None
-        value = self.trainer.callback_metrics.get("val_top1")
-        return None if value is None else 100.0 * float(value)
-
-    def on_validation_epoch_end(self):
-        # In an NNI trial (multi-trial search): top-1 in % after each epoch, and as the final result at the end.
-        top1 = self._top1_percent()
-        if top1 is not None and not self.trainer.sanity_checking:
-            nni.report_intermediate_result(top1)
-
-    def on_fit_end(self):
-        top1 = self._top1_percent()
-        if top1 is not None:
-            nni.report_final_result(top1)
 
 
 def load_matching(model: nn.Module, path: str) -> list[str]:

@@ -1,0 +1,156 @@
+"""Speed of the Zen-NAS search: the CIFAR params-1M Zen-score search, per iteration, against the original code.
+
+    python benchmarks/zennas_search.py --iterations 500 --seed 0 [--dedup] [--threads N]
+    python benchmarks/zennas_search.py --iterations 500 --seed 0 --original /tmp/ZenNAS   # also run idstcv/ZenNAS
+
+Runs retia's search exactly as ``experiments/zennas_search.py --config cifar_params1M_zen`` does — NNI experiment,
+sequential engine, the ``ZenNASEvolution`` strategy with its per-iteration checkpoint and trials log — with the
+original script's settings: batch 64, resolution 32, 100 classes, population 512, max_layers 18, params <= 1M,
+the fixed initial structure, the original mutation, Zen-score. Dedup is off unless ``--dedup`` (the original has
+none). Prints seconds per iteration, the best Zen-score and the peak memory (RSS high-water mark of the process).
+
+``--original DIR`` also runs the original ``evolution_search.main`` from a checkout of idstcv/ZenNAS at DIR
+(not part of retia; fetch it yourself) in a child process with the same settings, on the CPU: the only changes
+are that ``nn.Module.cuda`` is a no-op (the original calls ``.cuda(gpu)`` unconditionally) and a stand-in for the
+removed ``torch._six`` module; its torch threads are left at the default unless ``--original-threads``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+SETTINGS = {"proxy": "zen", "space": "XXBL", "initial": "cifar", "budget_params": 1e6, "budget_flops": None,
+            "budget_latency": None, "max_layers": 18, "batch_size": 64, "resolution": 32, "num_classes": 100,
+            "population_size": 512, "fix_initialize": True, "origin": True, "gamma": 1e-2,
+            "latency_batch_size": 64, "latency_table": None, "latency_check_every": 0, "latency_device": None,
+            "device": "cpu", "channels_last": True, "parallel_passes": None, "release_memory": True}
+
+_ORIGINAL_RUNNER = textwrap.dedent("""
+    import os, sys, time, random, resource, types, collections.abc
+    sys.path.insert(0, {repo!r})
+    import numpy as np, torch
+    if {threads}:
+        torch.set_num_threads({threads})
+    torch.nn.Module.cuda = lambda self, device=None: self  # the original calls .cuda(gpu) even without a GPU
+    six = types.ModuleType('torch._six'); six.container_abcs = collections.abc; six.string_classes = (str, bytes)
+    six.int_classes = int; sys.modules['torch._six'] = six  # removed from torch, imported by the original's geffnet
+    random.seed({seed}); np.random.seed({seed}); torch.manual_seed({seed})
+    os.chdir({repo!r})
+    import evolution_search as es
+    save = {save!r}
+    open(os.path.join(save, 'init_plainnet.txt'), 'w').write({initial!r})
+    argv = ['evolution_search.py', '--zero_shot_score', 'Zen', '--search_space', 'SearchSpace/search_space_XXBL.py',
+            '--budget_model_size', '1e6', '--max_layers', '18', '--batch_size', '64', '--input_image_size', '32',
+            '--plainnet_struct_txt', os.path.join(save, 'init_plainnet.txt'), '--num_classes', '100',
+            '--evolution_max_iter', '{iterations}', '--population_size', '512', '--save_dir', save]
+    args = es.parse_cmd_options(argv)
+    t0 = time.perf_counter()
+    structures, scores, _ = es.main(args, argv)
+    dt = time.perf_counter() - t0
+    print('RESULT', dt, max(scores), len(structures), torch.get_num_threads(),
+          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+""")
+
+
+def run_original(repo: str, iterations: int, seed: int, threads: int) -> dict:
+    from retia.spaces.zennas import INITIAL_STRUCTURES
+
+    if not (Path(repo) / "evolution_search.py").is_file():
+        raise SystemExit(f"--original {repo!r}: expected a checkout of idstcv/ZenNAS (evolution_search.py)")
+    with tempfile.TemporaryDirectory() as save:
+        code = _ORIGINAL_RUNNER.format(repo=str(Path(repo).resolve()), threads=threads, seed=seed, save=save,
+                                       initial=INITIAL_STRUCTURES["cifar"], iterations=iterations)
+        env = dict(os.environ, PYTHONHASHSEED=str(seed))  # the original's candidate lists follow set order
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")]
+    if out.returncode != 0 or not line:
+        raise SystemExit(f"the original failed:\n{out.stderr[-3000:]}")
+    dt, best, population, nthreads, rss = line[-1].split()[1:]
+    return {"seconds": float(dt), "s_per_iteration": float(dt) / iterations, "best_score": float(best),
+            "population": int(population), "threads": int(nthreads), "peak_rss_mib": float(rss)}
+
+
+def run_retia(iterations: int, seed: int, dedup: bool, channels_last: bool, release_memory: bool = True,
+              parallel: bool | None = None) -> dict:
+    """retia's search; the thread count is the process's torch thread budget at the start."""
+    import logging
+
+    import torch
+
+    from retia.experiments.zennas_search import make_experiment, make_strategy
+    from retia.results import RunDir
+    from retia.spaces import zennas
+
+    logging.getLogger("nni").setLevel(logging.WARNING)
+    threads = torch.get_num_threads()  # the scorer may split it between its two passes
+    settings = dict(SETTINGS, initial=zennas.INITIAL_STRUCTURES["cifar"], max_iterations=iterations, seed=seed,
+                    dedup=dedup, channels_last=channels_last, parallel_passes=parallel,
+                    release_memory=release_memory)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunDir(Path(tmp) / "run")
+        strategy = make_strategy(settings, run)
+        experiment = make_experiment(settings, strategy, Path(tmp) / "nni")
+        start = time.perf_counter()
+        experiment.run()
+        seconds = time.perf_counter() - start
+        experiment.stop()
+    best = strategy.best()
+    return {"seconds": seconds, "s_per_iteration": seconds / iterations, "best_score": best["score"],
+            "best_structure": best["structure"], "counts": strategy.counts, "threads": threads,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iterations", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for retia's search (default 0: torch's default, all cores, as the original)")
+    p.add_argument("--dedup", action="store_true", help="never score a structure twice (the Adlik fork)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--intra-op", dest="parallel", action="store_false", default=None,
+                   help="with --threads >= 2: split each operation over the threads instead of running the two "
+                        "Zen-score passes side by side")
+    p.add_argument("--no-memory-release", dest="release_memory", action="store_false",
+                   help="do not give freed heap memory back to the OS after each candidate (glibc malloc_trim)")
+    p.add_argument("--original", default=None, help="path of an idstcv/ZenNAS checkout to run for comparison")
+    p.add_argument("--original-threads", type=int, default=0, help="torch threads of the original (0: default)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {"iterations": args.iterations, "seed": args.seed}
+    if args.original:
+        o = run_original(args.original, args.iterations, args.seed, args.original_threads)
+        results["original"] = o
+        print(f"original (idstcv/ZenNAS, {o['threads']} threads): {o['s_per_iteration']:.4f} s/iteration, "
+              f"best Zen-score {o['best_score']:.4f}, peak RSS {o['peak_rss_mib']:.0f} MiB")
+    r = run_retia(args.iterations, args.seed, args.dedup, args.channels_last, args.release_memory, args.parallel)
+    results["retia"] = r
+    c = r["counts"]
+    print(f"retia ({r['threads']} thread{'s' if r['threads'] > 1 else ''}, dedup {'on' if args.dedup else 'off'}): "
+          f"{r['s_per_iteration']:.4f} s/iteration, best Zen-score {r['best_score']:.4f}, "
+          f"peak RSS {r['peak_rss_mib']:.0f} MiB  (scored {c['evaluated']}, reused {c['reused']}, rejected "
+          f"{sum(v for k, v in c.items() if k.startswith('rejected_'))} of {args.iterations} iterations)")
+    if args.original:
+        print(f"speed-up: {results['original']['s_per_iteration'] / r['s_per_iteration']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
