@@ -159,3 +159,40 @@ def test_bad_input_is_one_line(family):
         with pytest.raises(RetiaError, match=pattern) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+def test_graph_level_features_learn_a_flops_target_and_round_trip(family, tmp_path):
+    """graph_features=True (our extension): the head sees standardised log FLOPs / log params; a target made of
+    them (not monotone in FLOPs alone) is learnt, statistics come from the fitted graphs only, save/load keeps it."""
+    graphs, _ = family
+    lf = np.log10([g.flops + 1 for g in graphs])
+    lp = np.log10([g.params + 1 for g in graphs])
+    y = 2 * lf - 1.5 * lp
+    p = GNNPredictor(epochs=40, layers=2, lr=3e-3, batch_size=16, seed=0, graph_features=True).fit(graphs[:90], y[:90])
+    m = p.score(graphs[90:], y[90:])
+    assert m["srcc"] > 0.9, m
+    flops_only = FlopsPredictor().fit(graphs[:90], y[:90]).score(graphs[90:], y[90:])
+    assert m["srcc"] > flops_only["srcc"] + 0.1, (m, flops_only)
+    assert p.glob_mean == pytest.approx([lf[:90].mean(), lp[:90].mean()])  # training graphs only
+    assert p.glob_std == pytest.approx([lf[:90].std(), lp[:90].std()])
+    assert p.model.skip is not None and p.model.post[0].in_features == 32 + 2
+    ft = p.fine_tune(graphs[90:110], y[90:110], epochs=2, batch_size=4)
+    assert ft.glob_mean == pytest.approx([lf[90:110].mean(), lp[90:110].mean()])
+    assert p.glob_mean == pytest.approx([lf[:90].mean(), lp[:90].mean()])  # fine-tuning works on a copy
+    for q in (p, ft, KAdapterPredictor(p, epochs=1).fit(graphs[:20], y[:20])):
+        path = q.save(tmp_path / f"{q.kind}.safetensors")
+        r = load_predictor(path)
+        assert r.hparams["graph_features"] is True and r.glob_mean == q.glob_mean and r.glob_std == q.glob_std
+        assert np.array_equal(r.predict(graphs[100:]), q.predict(graphs[100:]))
+    plain = GNNPredictor(epochs=1, layers=2).fit(graphs[:20], y[:20])
+    assert plain.model.skip is None and plain.model.post[0].in_features == 32
+
+
+def test_fine_tune_early_stopping_inside_the_fine_tuning_set(family):
+    graphs, y = family
+    p = GNNPredictor(epochs=2, layers=2, seed=0, graph_features=True).fit(graphs[:60], y[:60])
+    ft = p.fine_tune(graphs[60:80], y[60:80], epochs=6, batch_size=4, val_fraction=0.25)
+    assert 1 <= ft.finetune_epochs <= 6
+    assert ft.norm.mean == pytest.approx(y[60:80].mean())  # the returned copy is tuned on all 20
+    with pytest.raises(RetiaError, match="val_fraction 0.99 of 20"):
+        p.fine_tune(graphs[60:80], y[60:80], epochs=2, val_fraction=0.99)

@@ -5,6 +5,11 @@
 - :mod:`.predictor`: ``GNNPredictor`` (k-GNN regressor), ``KAdapterPredictor``, ``FlopsPredictor``,
   ``ParamsPredictor``, ``TargetNormalizer`` (``stand`` / ``stand_flops``), ``regression_metrics``,
   ``load_predictor``.
+- :mod:`.family`: labelled families (``build_family``, ``load_family``; ``python -m retia.evaluators.aiop.family
+  --space autoformer|zennas --n 40 -o family.safetensors``).
+- :mod:`.shared_head`: AIO-P's shared-head shortcut for cheap labels (``label_family_shared_head``,
+  ``rank_agreement``).
+- :mod:`.search`: ``PredictorEvaluator`` (an NNI evaluator reporting predictions), ``guided_search``.
 
 See docs/aiop.md.
 """

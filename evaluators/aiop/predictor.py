@@ -188,6 +188,17 @@ def graph_tensors(g: CompGraph):
                 edge_index=g.edge_index.long(), num_nodes=g.num_nodes)
 
 
+N_GLOBAL = 2  # graph-level inputs of GNNPredictor(graph_features=True): log10(FLOPs + 1), log10(params + 1)
+
+
+def _global_raw(graphs: Sequence[CompGraph]) -> np.ndarray:
+    missing = [g.name or str(i) for i, g in enumerate(graphs) if g.flops is None or g.params is None]
+    if missing:
+        raise RetiaError(f"graph {missing[0]!r} has no FLOPs / params: build it with profile=True for "
+                         "graph_features=True")
+    return np.log10(np.array([[g.flops, g.params] for g in graphs], dtype=np.float64) + 1)
+
+
 def _check(graphs: Any, targets: Any | None = None) -> tuple[list[CompGraph], np.ndarray | None]:
     graphs = list(graphs) if isinstance(graphs, (list, tuple)) else graphs
     if not isinstance(graphs, list) or not graphs or not all(isinstance(g, CompGraph) for g in graphs):
@@ -333,14 +344,21 @@ def _mlp(width: int, inputs: int) -> nn.Sequential:
 
 
 class GNNRegressor(nn.Module):
-    def __init__(self, width: int = 32, layers: int = 6) -> None:
+    """Embedding, ``layers`` GraphConv + tanh, mean pooling, MLP head. With ``n_global`` > 0 (our extension, not in
+    AIO-P) the pooled embedding is concatenated with ``n_global`` graph-level inputs (``data.glob``: standardised
+    log FLOPs and log params) before the MLP, and a linear map of them is added to the output (a skip path, so
+    that a size trend is learnt from a few archs)."""
+
+    def __init__(self, width: int = 32, layers: int = 6, n_global: int = 0) -> None:
         super().__init__()
         from torch_geometric.nn import GraphConv
 
+        self.n_global = n_global
         self.embed = NodeEmbedding(width)
         self.gnn = nn.ModuleList(GraphConv(width, width) for _ in range(layers))
-        self.post = _mlp(width, width)
+        self.post = _mlp(width, width + n_global)
         self.head = nn.Linear(width, 1)
+        self.skip = nn.Linear(n_global, 1, bias=False) if n_global else None
 
     def node_states(self, data) -> list[torch.Tensor]:
         """Node embeddings after the embedding and after every GNN layer."""
@@ -353,26 +371,35 @@ class GNNRegressor(nn.Module):
         from torch_geometric.nn import global_mean_pool
 
         z = global_mean_pool(self.node_states(data)[-1], data.batch)
-        return self.head(self.post(z)).squeeze(-1)
+        if not self.n_global:
+            return self.head(self.post(z)).squeeze(-1)
+        g = data.glob.view(-1, self.n_global)
+        return (self.head(self.post(torch.cat([z, g], dim=-1))) + self.skip(g)).squeeze(-1)
 
 
 class GNNPredictor(Predictor):
     """AIO-P's k-GNN regressor (see the module docstring). Defaults follow the paper's code (width 32, 6
     GraphConv layers, tanh, mean pooling, Adam, batch 32, 40 epochs, MSE) except ``lr``, 1e-3 instead of 1e-4,
-    for small families."""
+    for small families.
+
+    ``graph_features=True`` (our extension; AIO-P's head sees only the pooled node embeddings) also feeds the head
+    log10(FLOPs + 1) and log10(params + 1) of each graph, standardised with the mean / s.d. over the graphs given to
+    ``fit`` (refitted on the graphs given to ``fine_tune``, as the target normaliser; graphs only, no labels)."""
 
     kind = "gnn"
 
     def __init__(self, width: int = 32, layers: int = 6, epochs: int = 40, lr: float = 1e-3, batch_size: int = 32,
-                 norm: str = "stand", seed: int = 0, weight_decay: float = 0.0, verbose: bool = False) -> None:
+                 norm: str = "stand", seed: int = 0, weight_decay: float = 0.0, graph_features: bool = False,
+                 verbose: bool = False) -> None:
         if width < 16 or width % 2:
             raise RetiaError(f"GNN width {width}: expected an even number >= 16")
         if layers < 1 or epochs < 0 or batch_size < 1 or lr <= 0:
             raise RetiaError(f"GNN settings layers={layers}, epochs={epochs}, batch_size={batch_size}, lr={lr}: "
                              "expected layers >= 1, epochs >= 0, batch_size >= 1, lr > 0")
         self.hparams = dict(width=width, layers=layers, epochs=epochs, lr=lr, batch_size=batch_size, norm=norm,
-                            seed=seed, weight_decay=weight_decay)
+                            seed=seed, weight_decay=weight_decay, graph_features=bool(graph_features))
         self.norm = TargetNormalizer(norm)
+        self.glob_mean, self.glob_std = [0.0, 0.0], [1.0, 1.0]
         self.verbose = verbose
         self.model: nn.Module | None = None
         self.history: list[float] = []
@@ -380,16 +407,33 @@ class GNNPredictor(Predictor):
     # training ---------------------------------------------------------------------------------------------------
     def _new_model(self) -> nn.Module:
         torch.manual_seed(self.hparams["seed"])
-        return GNNRegressor(self.hparams["width"], self.hparams["layers"])
+        return GNNRegressor(self.hparams["width"], self.hparams["layers"], self._n_global())
+
+    def _n_global(self) -> int:
+        return N_GLOBAL if self.hparams.get("graph_features") else 0
+
+    def _fit_globals(self, graphs: list[CompGraph]) -> None:
+        if self._n_global():
+            x = _global_raw(graphs)
+            self.glob_mean = [float(v) for v in x.mean(0)]
+            self.glob_std = [float(v) or 1.0 for v in x.std(0)]
+
+    def _data(self, graphs: list[CompGraph]) -> list:
+        data = [graph_tensors(g) for g in graphs]
+        if self._n_global():
+            x = (_global_raw(graphs) - np.array(self.glob_mean)) / np.array(self.glob_std)
+            for d, row in zip(data, x):
+                d.glob = torch.tensor(row, dtype=torch.float32).view(1, -1)
+        return data
 
     def _gflops(self, graphs: list[CompGraph]) -> np.ndarray | None:
         return _gflops(graphs) if self.norm.kind == "stand_flops" else None
 
     def _train(self, graphs: list[CompGraph], y: np.ndarray, params: list[nn.Parameter], epochs: int,
-               lr: float, batch_size: int) -> None:
+               lr: float, batch_size: int, on_epoch: Callable[[], None] | None = None) -> None:
         from torch_geometric.data import Batch
 
-        data = [graph_tensors(g) for g in graphs]
+        data = self._data(graphs)
         target = torch.tensor(self.norm.transform(y, self._gflops(graphs)), dtype=torch.float32)
         opt = torch.optim.Adam(params, lr=lr, weight_decay=self.hparams["weight_decay"])
         rng = random.Random(self.hparams["seed"])
@@ -409,11 +453,15 @@ class GNNPredictor(Predictor):
             self.history.append(total / len(order))
             if self.verbose:
                 print(f"epoch {epoch + 1}/{epochs}: loss {self.history[-1]:.4f}")
+            if on_epoch is not None:
+                on_epoch()
+                self.model.train()
         self.model.eval()
 
     def fit(self, graphs, targets):
         graphs, y = _check(graphs, targets)
         self.norm.fit(y, self._gflops(graphs))
+        self._fit_globals(graphs)
         self.model = self._new_model()
         self.history = []
         hp = self.hparams
@@ -421,14 +469,38 @@ class GNNPredictor(Predictor):
         return self
 
     def fine_tune(self, graphs, targets, epochs: int = 100, lr: float | None = None,
-                  batch_size: int = 1) -> "GNNPredictor":
+                  batch_size: int = 1, val_fraction: float = 0.0) -> "GNNPredictor":
         """A copy trained ``epochs`` more on ``graphs`` (e.g. 20 architectures of a target family), all weights
-        trainable, its normaliser refitted on these targets (AIO-P's fine-tuning; batch size 1 as there)."""
+        trainable, its normaliser refitted on these targets (AIO-P's fine-tuning; batch size 1 as there).
+
+        ``val_fraction`` > 0 (our addition): early stopping inside the fine-tuning set -- a copy is fine-tuned on
+        the rest of ``graphs`` for ``epochs`` while the MSE on the held-back ``val_fraction`` of them is tracked
+        each epoch; then the returned copy is fine-tuned on all ``graphs`` for the best epoch count. Only these
+        graphs and targets are seen (``ft.finetune_epochs`` records the count chosen)."""
         self._need_model()
         graphs, y = _check(graphs, targets)
+        lr = lr or self.hparams["lr"]
+        if val_fraction > 0:
+            n_val = int(round(len(graphs) * val_fraction))
+            if not 1 <= n_val <= len(graphs) - 2:
+                raise RetiaError(f"val_fraction {val_fraction} of {len(graphs)} fine-tuning graphs: expected at "
+                                 "least 1 for validation and 2 for training")
+            order = np.random.RandomState(self.hparams["seed"]).permutation(len(graphs))
+            val, tr = order[:n_val], order[n_val:]
+            probe = copy.deepcopy(self)
+            g_tr = [graphs[i] for i in tr]
+            probe.norm.fit(y[tr], probe._gflops(g_tr))
+            probe._fit_globals(g_tr)
+            g_val = [graphs[i] for i in val]
+            losses = []
+            probe._train(g_tr, y[tr], probe._ft_params(), epochs, lr, batch_size,
+                         on_epoch=lambda: losses.append(float(np.mean((probe.predict(g_val) - y[val]) ** 2))))
+            epochs = int(np.argmin(losses)) + 1
         ft = copy.deepcopy(self)
+        ft.finetune_epochs = epochs
         ft.norm.fit(y, ft._gflops(graphs))
-        ft._train(graphs, y, ft._ft_params(), epochs, lr or self.hparams["lr"], batch_size)
+        ft._fit_globals(graphs)
+        ft._train(graphs, y, ft._ft_params(), epochs, lr, batch_size)
         return ft
 
     def _ft_params(self) -> list[nn.Parameter]:
@@ -448,19 +520,26 @@ class GNNPredictor(Predictor):
         out = []
         for start in range(0, len(graphs), 256):
             chunk = graphs[start:start + 256]
-            out.append(self.model(Batch.from_data_list([graph_tensors(g) for g in chunk])).double().numpy())
+            out.append(self.model(Batch.from_data_list(self._data(chunk))).double().numpy())
         return self.norm.inverse(np.concatenate(out), self._gflops(graphs))
 
     # files ------------------------------------------------------------------------------------------------------
     def _state(self):
         self._need_model()
         return self.model.state_dict(), {"hparams": self.hparams, "normalizer": self.norm.state(),
+                                         "graph_features": {"mean": self.glob_mean, "std": self.glob_std},
                                          "op_types": list(OP_TYPES), "features": list(FEATURES)}
+
+    def _load_globals(self, meta: dict) -> None:
+        gf = meta.get("graph_features") or {}
+        self.glob_mean = [float(v) for v in gf.get("mean", self.glob_mean)]
+        self.glob_std = [float(v) for v in gf.get("std", self.glob_std)]
 
     @classmethod
     def _from_state(cls, tensors, meta):
         p = cls(**meta["hparams"])
         p.norm = TargetNormalizer.from_state(meta["normalizer"])
+        p._load_globals(meta)
         p.model = p._new_model()
         p.model.load_state_dict(tensors)
         p.model.eval()
@@ -517,6 +596,8 @@ class KAdapterPredictor(GNNPredictor):
             hp["norm"] = norm
         super().__init__(**hp)
         self.model = KAdapterModel(copy.deepcopy(base.model)) if base is not None else None
+        if base is not None:
+            self.glob_mean, self.glob_std = list(base.glob_mean), list(base.glob_std)
 
     def fit(self, graphs, targets):
         self._need_model()
@@ -543,8 +624,9 @@ class KAdapterPredictor(GNNPredictor):
     def _from_state(cls, tensors, meta):
         p = cls(**meta["hparams"])
         p.norm = TargetNormalizer.from_state(meta["normalizer"])
+        p._load_globals(meta)
         torch.manual_seed(0)
-        p.model = KAdapterModel(GNNRegressor(p.hparams["width"], p.hparams["layers"]))
+        p.model = KAdapterModel(GNNRegressor(p.hparams["width"], p.hparams["layers"], p._n_global()))
         p.model.load_state_dict(tensors)
         p.model.eval()
         return p

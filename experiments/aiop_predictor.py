@@ -1,0 +1,248 @@
+"""AIO-P end to end on the embedded digits: labelled families, a GNN predictor, baselines, predictor-guided search.
+
+``python experiments/aiop_predictor.py`` (no arguments):
+
+1. builds (or resumes) two labelled families in ``<output>/families/<space>-e<epochs>-s<family seed>``: 32
+   AutoFormer-micro subnets and 32 small Zen-NAS nets, each trained 2 epochs on the digits
+   (:mod:`retia.evaluators.aiop.family`);
+2. for each family as the held-out target: trains the GNN predictor on the *other* family, fine-tunes it on 20
+   archs of the target (AIO-P's ``family#20``; 50 epochs, batch 4; the normaliser and the graph-level feature
+   statistics are refitted there) and scores it on the rest (12), for every ``--seeds``; the zero-shot transfer
+   (no fine-tuning) is reported too. The GNN's head also sees log FLOPs and log params (``graph_features``, our
+   extension; ``--no-graph-features`` for AIO-P's head). With one family, the GNN is trained on its 20 archs;
+3. compares with the FLOPs and params baselines measured the same way: a line of the label on log10(FLOPs) /
+   log10(params) fitted on the same 20 target archs, scored on the same held-out rest (SRCC / Kendall are those of
+   FLOPs / params themselves, up to sign);
+4. runs a predictor-guided regularized evolution (NNI, retia's ``ConstrainedEvolution``) over the held-out archs
+   with half of them as the trial budget, and reports the true rank and gap of what it picks.
+
+Outputs in ``--output``: ``results.json`` (settings, families, metrics, searches), ``results.csv`` (one row per
+target family and predictor), ``predictions.csv``, ``scatter.png`` (predicted vs true top-1 per target family),
+``run.json`` (timing) and ``families/``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retia.cli import add_threads_arg, positive_int, quiet, run_main, set_threads
+from retia.errors import RetiaError
+from retia.evaluators.aiop.family import SPACES, TrainSettings, build_family, load_family
+from retia.results import RunDir
+
+METRICS = ("srcc", "kendall", "mae", "mape")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--families", default="autoformer,zennas",
+                   help=f"comma-separated family spaces ({', '.join(SPACES)}; default: %(default)s)")
+    p.add_argument("--n", type=positive_int, default=32, help="archs per family (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=2, help="training epochs per arch (default: %(default)s)")
+    p.add_argument("--family-file", action="append", default=[], metavar="SPACE=PATH",
+                   help="reuse an existing family file for SPACE (repeatable)")
+    p.add_argument("--finetune", type=int, default=20, help="target archs to fine-tune on (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="predictor seeds (default: 0 1 2)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the fine-tune / test split")
+    p.add_argument("--family-seed", type=int, default=0, help="seed of the families' sampling and training")
+    p.add_argument("--predictor-epochs", type=positive_int, default=40)
+    p.add_argument("--finetune-epochs", type=positive_int, default=50)
+    p.add_argument("--finetune-batch", type=positive_int, default=4, help="fine-tuning batch size (AIO-P: 1)")
+    p.add_argument("--finetune-val", type=float, default=0.0,
+                   help="fraction of the fine-tuning archs held back to early-stop fine-tuning (default: off)")
+    p.add_argument("--no-graph-features", action="store_true",
+                   help="GNN head without the graph-level log FLOPs / log params inputs (AIO-P's original head)")
+    p.add_argument("--norm", default="stand_flops", choices=("none", "stand", "stand_flops"))
+    p.add_argument("--output", default="runs/aiop-predictor", help="run directory (default: %(default)s)")
+    p.add_argument("--no-search", action="store_true", help="skip the predictor-guided search")
+    p.add_argument("--no-progress", action="store_true")
+    add_threads_arg(p)
+    return p
+
+
+def _family_files(items: list[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        space, sep, path = item.partition("=")
+        if not sep or space not in SPACES or not path:
+            raise RetiaError(f"--family-file {item!r}: expected SPACE=PATH with SPACE one of {', '.join(SPACES)}")
+        if not Path(path).is_file():
+            raise RetiaError(f"--family-file {item!r}: {path!r} does not exist")
+        out[space] = Path(path)
+    return out
+
+
+def _summary(rows: list[dict]) -> dict[str, float]:
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in METRICS}
+    std = {f"{k}_std": float(np.std([r[k] for r in rows])) for k in METRICS}
+    return {**mean, **std, "n": rows[0]["n"], "seeds": len(rows)}
+
+
+def evaluate_target(target: str, families: dict[str, tuple[list, np.ndarray]], args) -> dict[str, Any]:
+    """Every predictor on one held-out family (see the module docstring)."""
+    from retia.evaluators.aiop.predictor import FlopsPredictor, GNNPredictor, ParamsPredictor, split_family
+
+    graphs, labels = families[target]
+    ft_idx, test_idx = split_family(graphs, args.finetune, seed=args.split_seed)
+    g_ft, y_ft = [graphs[i] for i in ft_idx], labels[ft_idx]
+    g_te, y_te = [graphs[i] for i in test_idx], labels[test_idx]
+    sources = [s for s in families if s != target]
+    g_src = [g for s in sources for g in families[s][0]]
+    y_src = np.concatenate([families[s][1] for s in sources]) if sources else None
+    make = lambda seed: GNNPredictor(norm=args.norm, epochs=args.predictor_epochs, seed=seed,  # noqa: E731
+                                     graph_features=not args.no_graph_features)
+    runs: dict[str, list[dict]] = {"gnn": [], "gnn_zero_shot": []}
+    preds: dict[str, np.ndarray] = {}
+    first = None
+    for seed in args.seeds:
+        if sources:
+            base = make(seed).fit(g_src, y_src)
+            runs["gnn_zero_shot"].append(base.score(g_te, y_te))
+            tuned = base.fine_tune(g_ft, y_ft, epochs=args.finetune_epochs, batch_size=args.finetune_batch,
+                                   val_fraction=args.finetune_val)
+        else:
+            tuned = make(seed).fit(g_ft, y_ft)
+        runs["gnn"].append(tuned.score(g_te, y_te))
+        if first is None:
+            first = tuned
+            preds["gnn"] = tuned.predict(g_te)
+    if not runs["gnn_zero_shot"]:
+        del runs["gnn_zero_shot"]
+    results = {name: _summary(rows) for name, rows in runs.items()}
+    results = {"gnn": results["gnn"], **{k: v for k, v in results.items() if k != "gnn"}}
+    for name, cls in (("flops", FlopsPredictor), ("params", ParamsPredictor)):
+        p = cls().fit(g_ft, y_ft)
+        preds[name] = p.predict(g_te)
+        results[name] = {**p.score(g_te, y_te), "seeds": 1}
+    out: dict[str, Any] = {"target": target, "sources": sources, "finetune": len(ft_idx), "test": len(test_idx),
+                           "metrics": results, "per_seed": runs,
+                           "predictions": [{"name": g.name, "true": float(t), **{k: float(v[i]) for k, v in preds.items()}}
+                                           for i, (g, t) in enumerate(zip(g_te, y_te))]}
+    if not args.no_search:
+        from retia.evaluators.aiop.search import guided_search
+
+        trials = max(2, len(g_te) // 2)
+        out["search"] = {name: guided_search(p, g_te, y_te, trials=trials, seed=args.split_seed)
+                         for name, p in (("gnn", first), ("flops", FlopsPredictor().fit(g_ft, y_ft)))}
+    return out
+
+
+def scatter(results: list[dict], path: Path) -> Path:
+    from retia.results import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 4.2), dpi=120, squeeze=False)
+    for ax, res in zip(axes[0], results):
+        rows = res["predictions"]
+        true = [r["true"] for r in rows]
+        for key, color in (("gnn", "C0"), ("flops", "C1"), ("params", "C2")):
+            m = res["metrics"][key]
+            ax.scatter(true, [r[key] for r in rows], s=18, alpha=0.75, color=color,
+                       label=f"{key}: SRCC {m['srcc']:.2f}, MAE {m['mae']:.1f}")
+        lo, hi = min(true), max(true)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_xlabel("true top-1 (%)")
+        ax.set_ylabel("predicted top-1 (%)")
+        src = "+".join(res["sources"]) or "own 20"
+        ax.set_title(f"{res['target']} (train: {src}, test {res['test']})", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _table(results: list[dict]) -> str:
+    lines = ["target       predictor       SRCC            Kendall         MAE            MAPE"]
+    for res in results:
+        for name, m in res["metrics"].items():
+            def cell(k):
+                sd = m.get(f"{k}_std")
+                return f"{m[k]:.3f}" + (f" ± {sd:.3f}" if sd is not None and m.get("seeds", 1) > 1 else "")
+            lines.append(f"{res['target']:<12} {name:<15} {cell('srcc'):<15} {cell('kendall'):<15} "
+                         f"{cell('mae'):<14} {cell('mape')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    quiet()
+    logging.getLogger("nni").setLevel(logging.WARNING)
+    set_threads(args.threads)
+    spaces = [s.strip() for s in args.families.split(",") if s.strip()]
+    bad = [s for s in spaces if s not in SPACES]
+    if not spaces or bad or len(set(spaces)) != len(spaces):
+        raise RetiaError(f"--families {args.families!r}: expected distinct names from {', '.join(SPACES)}")
+    reuse = _family_files(args.family_file)
+    if not args.seeds:
+        raise RetiaError("--seeds: expected at least one seed")
+    start = time.perf_counter()
+    run = RunDir(args.output)
+    families: dict[str, tuple[list, np.ndarray]] = {}
+    family_info = {}
+    for i, space in enumerate(spaces):
+        t0 = time.perf_counter()
+        if space in reuse:
+            path = reuse[space]
+            families[space] = load_family(path)
+        else:
+            # the file names the settings, so another --epochs / --family-seed never meets an incompatible journal
+            path = run.path / "families" / f"{space}-e{args.epochs}-s{args.family_seed}.safetensors"
+            print(f"[{i + 1}/{len(spaces) + 1}] {space} family: {args.n} archs, {args.epochs} epochs each",
+                  flush=True)
+            build_family(space, args.n, path, TrainSettings(epochs=args.epochs, seed=args.family_seed),
+                         seed=args.family_seed, progress=not args.no_progress)
+            families[space] = load_family(path)
+        graphs, labels = families[space]
+        if len(graphs) <= args.finetune + 1:
+            raise RetiaError(f"--finetune {args.finetune}: family {space!r} has {len(graphs)} archs, expected more "
+                             f"than {args.finetune + 1} (raise --n or lower --finetune)")
+        family_info[space] = {"file": str(path), "archs": len(graphs), "top1_min": float(labels.min()),
+                              "top1_max": float(labels.max()), "top1_mean": float(labels.mean()),
+                              "seconds": round(time.perf_counter() - t0, 1),
+                              "train_seconds": round(sum(g.meta.get("seconds", 0.0) for g in graphs), 1)}
+    print(f"[{len(spaces) + 1}/{len(spaces) + 1}] predictors: seeds {args.seeds}, fine-tune on {args.finetune}",
+          flush=True)
+    t0 = time.perf_counter()
+    results = [evaluate_target(t, families, args) for t in spaces]
+    predictor_seconds = round(time.perf_counter() - t0, 1)
+    print(_table(results))
+    for res in results:
+        for name, s in res.get("search", {}).items():
+            print(f"{res['target']}: {name}-guided evolution ({s['trials']} of {s['pool']} held-out archs): found "
+                  f"true rank {s['found']['rank']}/{s['pool']}, top-1 {s['found']['true']:.1f} % vs best "
+                  f"{s['best']['true']:.1f} % (gap {s['gap']:.1f}); random pick: mean rank {s['random_pick_rank']:.1f}")
+    summary = {"settings": vars(args), "families": family_info,
+               "results": [{k: v for k, v in r.items() if k != "predictions"} for r in results]}
+    run.write_json("results.json", summary)
+    with (run.path / "results.csv").open("w", newline="") as f:
+        fields = ["target", "sources", "predictor", *METRICS, *(f"{k}_std" for k in METRICS), "n", "seeds"]
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in results:
+            for name, m in r["metrics"].items():
+                writer.writerow({"target": r["target"], "sources": "+".join(r["sources"]), "predictor": name, **m})
+    with (run.path / "predictions.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["target", "name", "true", "gnn", "flops", "params"])
+        writer.writeheader()
+        for r in results:
+            for row in r["predictions"]:
+                writer.writerow({"target": r["target"], **row})
+    scatter(results, run.path / "scatter.png")
+    total = round(time.perf_counter() - start, 1)
+    run.write_json("run.json", {"seconds": total, "predictor_seconds": predictor_seconds,
+                                "family_seconds": {k: v["seconds"] for k, v in family_info.items()}})
+    print(f"wrote {run.path}/results.json, results.csv, predictions.csv, scatter.png ({total:.0f} s)")
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)
