@@ -1,0 +1,203 @@
+"""HR-NAS progressive shrinking: penalty by hand, exact physical shrinking, optimizer state, MACs bookkeeping."""
+import pytest
+import torch
+
+from retia.profile import count_flops
+from retia.spaces import hrnas
+from retia.spaces.hrnas import network as hnet
+from retia.strategies import hrnas_shrinking as hs
+
+torch.set_num_threads(1)
+
+
+def _one_block_cfg():
+    # one stage, one branch, one parallel block: blocks s0_fuse0_0 (8->8) and s0_b0_0 (8->8), no head blocks
+    return hrnas.make_config(num_classes=3, input_size=16, input_channel=[8, 8], stages=[[1, [1], [8]]],
+                             head_channels=None, last_channel=16, expand_ratio=1, kernel_sizes=[3, 5],
+                             max_tokens=2, token_size=2)
+
+
+def test_penalty_matches_hand_calculation():
+    cfg = _one_block_cfg()
+    net = hrnas.HRNet(cfg)
+    # per hidden channel of a kernel-k branch at 4x4 (16/4), 8 in, 8 out: 8*16 + k*k*16 + 8*16
+    per3, per5 = 8 * 16 + 9 * 16 + 8 * 16, 8 * 16 + 25 * 16 + 8 * 16
+    # transformer with n tokens of d=4 (2x2), C=8: a = (C+2)*d + 12*d*d + C*d, b = 4*d
+    a, b = 10 * 4 + 12 * 16 + 8 * 4, 16
+    # two blocks, each 8 channels per kernel and a 2-token transformer
+    total = 2 * (8 * per3 + 8 * per5 + (a * 2 + b * 4))
+    units = 2 * (8 + 8 + 2)
+    norm = total / (units + 1e-5)
+    pen = hs.ResourcePenalty(net)
+    assert pen.normalizer == pytest.approx(norm)
+    assert pen.channel_penalty("s0_b0_0", 3) == pytest.approx(per3 / norm)
+    # 2 tokens alive: a + b*(2^2 - 1^2)
+    assert pen.token_penalty("s0_b0_0", 2) == pytest.approx((a + 3 * b) / norm)
+    with torch.no_grad():
+        for i, bn in enumerate(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.weight.fill_(0.1 * (i % 3) - 0.05)
+    expect = 0.0
+    for name, block in net.blocks.items():
+        for k, bn in block.depthwise_bns().items():
+            expect += (per3 if k == 3 else per5) / norm * float(bn.weight.abs().sum())
+        g = block.transformer.input_norm.weight
+        alive = int((g.abs() > 1e-3).sum())
+        expect += (a + b * (alive ** 2 - max(alive - 1, 0) ** 2)) / norm * float(g.abs().sum())
+    assert float(pen.value(net)) == pytest.approx(expect)
+    # the gradient the callback adds is rho times the derivative of that value
+    net.zero_grad()
+    (0.5 * pen.value(net)).backward()
+    auto = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad()
+    pen.add_grad(net, 0.5)
+    for n, p in net.named_parameters():
+        if n in auto:
+            torch.testing.assert_close(p.grad, auto[n])
+
+
+def test_rho_schedule_is_linear_between_free_and_warmup():
+    at = hs.rho_schedule(2.0, epoch_free=1, epoch_warmup=3, steps_per_epoch=10)
+    assert [at(s) for s in (0, 9, 10, 20, 30, 100)] == [0.0, 0.0, 0.0, 1.0, 2.0, 2.0]
+
+
+def _net_with_dead_units(cfg, seed=0):
+    net = hrnas.HRNet(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.3)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+        names = list(net.blocks)
+        for i, (name, block) in enumerate(net.blocks.items()):
+            for j, bn in enumerate(block.depthwise_bns().values()):
+                if i == 1:
+                    bn.weight.zero_()  # a whole block without branches: its constant must survive
+                else:
+                    bn.weight[(i + j) % 3::3] = 0.0
+        assert names
+    return net
+
+
+def test_shrink_is_exact_and_macs_match_the_closed_form():
+    cfg = hrnas.preset("tiny")
+    net = _net_with_dead_units(cfg).eval()
+    small, keep = hs.shrink(net, threshold=1e-3, tokens=False)
+    assert small.blocks["s0_b0_0"].pw_bn is None  # every branch of block 1 went
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net(x), rtol=1e-4, atol=1e-5)
+    before, after = hrnas.count_macs(cfg, net.arch), hrnas.count_macs(cfg, small.arch)
+    assert after < before
+    assert count_flops(small, (1, 3, 32, 32)) == after
+    # shrinking again removes nothing
+    again, _ = hs.shrink(small, threshold=1e-3, tokens=False)
+    assert again.arch == small.arch
+
+
+def test_token_shrinking_removes_tokens_and_transformers():
+    cfg = hrnas.preset("tiny")
+    net = hrnas.HRNet(cfg)
+    names = [n for n, b in net.blocks.items() if b.transformer is not None]
+    with torch.no_grad():
+        net.blocks[names[0]].transformer.input_norm.weight[:5] = 0  # 3 of 8 tokens left
+        net.blocks[names[1]].transformer.input_norm.weight.zero_()  # transformer removed
+    small, _ = hs.shrink(net, 1e-3)
+    assert small.arch[f"{names[0]}.tokens"] == 3 and small.blocks[names[0]].transformer.tokens == 3
+    assert small.arch[f"{names[1]}.tokens"] == 0 and small.blocks[names[1]].transformer is None
+    assert count_flops(small, (1, 3, 32, 32)) == hrnas.count_macs(cfg, small.arch) < hrnas.count_macs(cfg)
+    torch.testing.assert_close(small.blocks[names[0]].transformer.query_embed,
+                               net.blocks[names[0]].transformer.query_embed[5:])
+
+
+def test_optimizer_state_follows_the_kept_channels():
+    cfg = hrnas.preset("tiny")
+    net = _net_with_dead_units(cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    old = {n: opt.state[p]["exp_avg"].clone() for n, p in net.named_parameters()}
+    small, keep = hs.shrink(net, 1e-3)
+    hs.remap_optimizer(opt, net, small, keep)
+    params = dict(small.named_parameters())
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in params.values()}
+    name = "blocks.s0_fuse0_0.ops.k3.2.weight"  # projection: sliced along its input channels
+    idx = keep["s0_fuse0_0"]["k3"]
+    torch.testing.assert_close(opt.state[params[name]]["exp_avg"], old[name][:, idx])
+    small(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()  # the optimizer runs on the smaller network
+
+
+def test_callback_shrinks_during_lightning_training(tmp_path):
+    """Two short epochs of retia's classification module with the callback: the model and optimizer are swapped
+    for smaller ones, MACs drop and the history records them."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from retia.evaluators.classification import classification_evaluator
+
+    import pytorch_lightning as pl
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            return DataLoader(TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.arange(16) % 10),
+                              batch_size=8)
+
+        def val_dataloader(self):
+            return self.train_dataloader()
+
+    cfg = hrnas.preset("tiny")
+    net = _net_with_dead_units(cfg)
+    seen = []
+    cb = hs.ProgressiveShrinking(rho=1e-3, epoch_warmup=1, threshold=0.05, interval=1, on_epoch=seen.append)
+    evaluator = classification_evaluator(Data(), num_classes=10, max_epochs=2, log_dir=tmp_path, callbacks=[cb],
+                                         accelerator="cpu", enable_progress_bar=False, learning_rate=1e-3,
+                                         warmup_epochs=0, mixup=0.0, cutmix=0.0, report_to_nni=False)
+    evaluator.evaluate(net)
+    final = evaluator.module.model
+    assert final is not net and final.arch != net.arch
+    assert [r.epoch for r in cb.history] == [-1, 0, 1] and len(seen) == 3
+    assert cb.history[1].shrunk and cb.history[-1].macs == hrnas.count_macs(cfg, final.arch) < cb.history[0].macs
+    opt = evaluator.trainer.optimizers[0]
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in final.parameters()}
+
+
+def test_default_penalty_drives_scales_to_zero_and_shrinks(tmp_path):
+    """The real mechanism, nothing pre-zeroed: BN scales start at 1.0, the callback's default ρ / threshold / warmup /
+    interval, AdamW with cosine decay; a short seeded run on a one-block model removes channels."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import pytorch_lightning as pl
+
+    from retia.evaluators.classification import classification_evaluator
+
+    class Data(pl.LightningDataModule):  # learnable: the class is the brighter colour channel
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            x, y = torch.randn(32, 3, 16, 16, generator=g), torch.arange(32) % 3
+            x[torch.arange(32), y] += 1.0
+            return DataLoader(TensorDataset(x, y), batch_size=16)
+
+        def val_dataloader(self):
+            return self.train_dataloader()
+
+    pl.seed_everything(0, verbose=False)
+    cfg = _one_block_cfg()
+    net = hrnas.HRNet(cfg)
+    assert all(float(bn.weight.min()) == 1.0 for _, b in net.named_blocks() for bn in b.depthwise_bns().values())
+    cb = hs.ProgressiveShrinking()  # defaults: rho 5e-3, threshold 1e-3 (the original's), warmup 2, interval 2
+    evaluator = classification_evaluator(Data(), num_classes=3, max_epochs=30, log_dir=tmp_path, callbacks=[cb],
+                                         accelerator="cpu", enable_progress_bar=False, learning_rate=0.1,
+                                         weight_decay=0.0, warmup_epochs=0, mixup=0.0, cutmix=0.0,
+                                         report_to_nni=False)
+    evaluator.evaluate(net)
+    final = evaluator.module.model
+    supernet_channels = sum(v for k, v in hrnas.full_arch(cfg).items() if ".k" in k)
+    kept_channels = sum(v for k, v in final.arch.items() if ".k" in k)
+    assert kept_channels < supernet_channels
+    assert any(r.shrunk for r in cb.history)
+    macs = hrnas.count_macs(cfg, final.arch)
+    assert macs < hrnas.count_macs(cfg) and count_flops(final, (1, 3, 16, 16)) == macs
+    print(f"channels {supernet_channels} -> {kept_channels}, MACs {hrnas.count_macs(cfg)} -> {macs}")
