@@ -13,6 +13,9 @@ none). Prints seconds per iteration, the best Zen-score and the peak memory (RSS
 (not part of retia; fetch it yourself) in a child process with the same settings, on the CPU: the only changes
 are that ``nn.Module.cuda`` is a no-op (the original calls ``.cuda(gpu)`` unconditionally) and a stand-in for the
 removed ``torch._six`` module; its torch threads are left at the default unless ``--original-threads``.
+
+Wall time per iteration depends on whatever else runs on the machine; CPU time per iteration (all threads of the
+search process) much less, so both are printed and the speed-up is given for both.
 """
 from __future__ import annotations
 
@@ -53,10 +56,12 @@ _ORIGINAL_RUNNER = textwrap.dedent("""
             '--evolution_max_iter', '{iterations}', '--population_size', '512', '--save_dir', save]
     args = es.parse_cmd_options(argv)
     t0 = time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF); cpu0 = ru0.ru_utime + ru0.ru_stime; rss0 = ru0.ru_maxrss / 1024
     structures, scores, _ = es.main(args, argv)
     dt = time.perf_counter() - t0
-    print('RESULT', dt, max(scores), len(structures), torch.get_num_threads(),
-          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print('RESULT', dt, max(scores), len(structures), torch.get_num_threads(), ru.ru_maxrss / 1024,
+          ru.ru_utime + ru.ru_stime - cpu0, rss0)
 """)
 
 
@@ -73,9 +78,16 @@ def run_original(repo: str, iterations: int, seed: int, threads: int) -> dict:
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")]
     if out.returncode != 0 or not line:
         raise SystemExit(f"the original failed:\n{out.stderr[-3000:]}")
-    dt, best, population, nthreads, rss = line[-1].split()[1:]
+    dt, best, population, nthreads, rss, cpu, rss0 = line[-1].split()[1:]
     return {"seconds": float(dt), "s_per_iteration": float(dt) / iterations, "best_score": float(best),
-            "population": int(population), "threads": int(nthreads), "peak_rss_mib": float(rss)}
+            "population": int(population), "threads": int(nthreads), "peak_rss_mib": float(rss),
+            "cpu_s_per_iteration": float(cpu) / iterations, "start_rss_mib": float(rss0)}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process, all threads (less sensitive than wall time to other jobs on the machine)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def run_retia(iterations: int, seed: int, dedup: bool, channels_last: bool, release_memory: bool = True,
@@ -98,14 +110,16 @@ def run_retia(iterations: int, seed: int, dedup: bool, channels_last: bool, rele
         run = RunDir(Path(tmp) / "run")
         strategy = make_strategy(settings, run)
         experiment = make_experiment(settings, strategy, Path(tmp) / "nni")
-        start = time.perf_counter()
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        start, cpu0 = time.perf_counter(), _cpu_seconds()
         experiment.run()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
         experiment.stop()
     best = strategy.best()
-    return {"seconds": seconds, "s_per_iteration": seconds / iterations, "best_score": best["score"],
+    return {"seconds": seconds, "s_per_iteration": seconds / iterations, "cpu_s_per_iteration": cpu / iterations,
+            "best_score": best["score"],
             "best_structure": best["structure"], "counts": strategy.counts, "threads": threads,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "start_rss_mib": rss0}
 
 
 def main(argv=None) -> dict:
@@ -136,17 +150,21 @@ def main(argv=None) -> dict:
     if args.original:
         o = run_original(args.original, args.iterations, args.seed, args.original_threads)
         results["original"] = o
-        print(f"original (idstcv/ZenNAS, {o['threads']} threads): {o['s_per_iteration']:.4f} s/iteration, "
-              f"best Zen-score {o['best_score']:.4f}, peak RSS {o['peak_rss_mib']:.0f} MiB")
+        print(f"original (idstcv/ZenNAS, {o['threads']} threads): {o['s_per_iteration']:.4f} s/iteration "
+              f"({o['cpu_s_per_iteration']:.4f} CPU-s), best Zen-score {o['best_score']:.4f}, peak RSS {o['peak_rss_mib']:.0f} MiB "
+              f"(+{o['peak_rss_mib'] - o['start_rss_mib']:.0f} over the {o['start_rss_mib']:.0f} MiB after imports)")
     r = run_retia(args.iterations, args.seed, args.dedup, args.channels_last, args.release_memory, args.parallel)
     results["retia"] = r
     c = r["counts"]
     print(f"retia ({r['threads']} thread{'s' if r['threads'] > 1 else ''}, dedup {'on' if args.dedup else 'off'}): "
-          f"{r['s_per_iteration']:.4f} s/iteration, best Zen-score {r['best_score']:.4f}, "
-          f"peak RSS {r['peak_rss_mib']:.0f} MiB  (scored {c['evaluated']}, reused {c['reused']}, rejected "
+          f"{r['s_per_iteration']:.4f} s/iteration ({r['cpu_s_per_iteration']:.4f} CPU-s), best Zen-score {r['best_score']:.4f}, "
+          f"peak RSS {r['peak_rss_mib']:.0f} MiB (+{r['peak_rss_mib'] - r['start_rss_mib']:.0f} over the "
+          f"{r['start_rss_mib']:.0f} MiB after imports)  (scored {c['evaluated']}, reused {c['reused']}, rejected "
           f"{sum(v for k, v in c.items() if k.startswith('rejected_'))} of {args.iterations} iterations)")
     if args.original:
-        print(f"speed-up: {results['original']['s_per_iteration'] / r['s_per_iteration']:.2f}x")
+        o = results["original"]
+        print(f"speed-up: {o['s_per_iteration'] / r['s_per_iteration']:.2f}x wall, "
+              f"{o['cpu_s_per_iteration'] / r['cpu_s_per_iteration']:.2f}x CPU time")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

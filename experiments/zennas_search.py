@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from retia.cli import add_threads_arg, positive_int, quiet, run_main, set_threads
+from retia.cli import positive_int, quiet, run_main, set_threads
 from retia.errors import RetiaError
 from retia.results import RunDir
 
@@ -145,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--concurrency", type=positive_int, default=1,
                    help="candidates scored at once in NNI trial processes (training-service engine)")
     g.add_argument("--port", type=int, default=None, help="NNI web UI port (implies the training-service engine)")
-    add_threads_arg(p)
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: torch's, all cores: the Zen-score runs its two passes side by "
+                        "side; use 1 on a busy machine)")
     return p
 
 
