@@ -165,6 +165,29 @@ class SafetensorsCheckpoint(pl.Callback):
             save_weights(state, self.dirpath / "best.safetensors", meta)
 
 
+def make_trainer(max_epochs: int, log_dir: str | Path, callbacks: list[pl.Callback] | None = None, *,
+                 accelerator: str = "auto", devices: int | str = "auto", strategy: str = "auto",
+                 precision: str | None = None, limit_train_batches: float | int | None = None,
+                 limit_val_batches: float | int | None = None, enable_progress_bar: bool = True,
+                 **trainer_kwargs: Any) -> Trainer:
+    """The NNI-traced Lightning ``Trainer`` every retia evaluator uses: TensorBoard + CSV logs under ``log_dir``, no
+    Lightning checkpoints (weights go through :class:`SafetensorsCheckpoint`), no sanity validation; unset
+    options are left to Lightning's defaults. ``trainer_kwargs`` (e.g. ``num_nodes``, ``sync_batchnorm``) pass on."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    if precision:
+        trainer_kwargs["precision"] = precision
+    if limit_train_batches is not None:
+        trainer_kwargs["limit_train_batches"] = limit_train_batches
+    if limit_val_batches is not None:
+        trainer_kwargs["limit_val_batches"] = limit_val_batches
+    return Trainer(
+        max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy,
+        logger=[TensorBoardLogger(str(log_dir), name="tensorboard"), CSVLogger(str(log_dir), name="csv")],
+        callbacks=callbacks or [], enable_checkpointing=False, enable_progress_bar=enable_progress_bar,
+        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, **trainer_kwargs)
+
+
 def classification_evaluator(datamodule: pl.LightningDataModule, num_classes: int, max_epochs: int,
                              log_dir: str | Path, callbacks: list[pl.Callback] | None = None,
                              accelerator: str = "auto", devices: int | str = "auto", strategy: str = "auto",
@@ -175,17 +198,8 @@ def classification_evaluator(datamodule: pl.LightningDataModule, num_classes: in
     ``devices`` / ``strategy`` / ``accelerator`` go to Lightning's Trainer: e.g. ``devices=4, strategy="ddp"`` for
     four GPUs, ``num_nodes`` through ``SLURM``/``torchrun`` as Lightning documents.
     """
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-
-    trainer_kwargs: dict[str, Any] = {}
-    if precision:
-        trainer_kwargs["precision"] = precision
-    if limit_train_batches is not None:
-        trainer_kwargs["limit_train_batches"] = limit_train_batches
-    trainer = Trainer(
-        max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy,
-        logger=[TensorBoardLogger(str(log_dir), name="tensorboard"), CSVLogger(str(log_dir), name="csv")],
-        callbacks=callbacks or [], enable_checkpointing=False, enable_progress_bar=enable_progress_bar,
-        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, **trainer_kwargs)
+    trainer = make_trainer(max_epochs, log_dir, callbacks, accelerator=accelerator, devices=devices,
+                           strategy=strategy, precision=precision, limit_train_batches=limit_train_batches,
+                           enable_progress_bar=enable_progress_bar)
     module = ClassificationModule(num_classes=num_classes, **module_kwargs)
     return Lightning(module, trainer, datamodule=datamodule)

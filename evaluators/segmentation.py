@@ -25,9 +25,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from nni.nas.evaluator.pytorch import Lightning, LightningModule, Trainer
+from nni.nas.evaluator.pytorch import Lightning, LightningModule
 
-from .classification import load_matching, warmup_cosine
+from retia.errors import RetiaError
+
+from .classification import load_matching, make_trainer, warmup_cosine
 
 IGNORE_INDEX = 255
 
@@ -41,14 +43,14 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     target is ``ignore_index`` (or outside ``0..num_classes-1``) are skipped. ``pred`` and ``target`` are
     integer tensors of the same shape."""
     if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        raise RetiaError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
     keep = (target >= 0) & (target < num_classes)
     if ignore_index is not None:
         keep &= target != ignore_index
     pred, target = pred[keep], target[keep]
     if pred.numel() and (pred.min() < 0 or pred.max() >= num_classes):
-        raise ValueError(f"predictions outside 0..{num_classes - 1}")
+        raise RetiaError(f"predictions outside 0..{num_classes - 1}")
     return torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
@@ -86,7 +88,7 @@ class SegmentationMetrics(torchmetrics.Metric):
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:  # type: ignore[override]
         if preds.is_floating_point():
             if preds.ndim != 4 or preds.shape[1] != self.num_classes:
-                raise ValueError(f"logits {tuple(preds.shape)}: expected (N, {self.num_classes}, H, W)")
+                raise RetiaError(f"logits {tuple(preds.shape)}: expected (N, {self.num_classes}, H, W)")
             if preds.shape[-2:] != target.shape[-2:]:
                 preds = F.interpolate(preds, size=target.shape[-2:], mode="bilinear", align_corners=False)
             preds = preds.argmax(1)
@@ -202,23 +204,12 @@ def segmentation_evaluator(datamodule: pl.LightningDataModule, max_epochs: int, 
     For safetensors weights each epoch pass ``retia.evaluators.classification.SafetensorsCheckpoint(...,
     monitor="val_miou")`` in ``callbacks``.
     """
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-
     if num_classes is None:
         num_classes = getattr(datamodule, "num_classes", None)
         if num_classes is None:
-            raise ValueError("segmentation_evaluator: pass num_classes (the datamodule has no num_classes)")
-    trainer_kwargs: dict[str, Any] = {}
-    if precision:
-        trainer_kwargs["precision"] = precision
-    if limit_train_batches is not None:
-        trainer_kwargs["limit_train_batches"] = limit_train_batches
-    if limit_val_batches is not None:
-        trainer_kwargs["limit_val_batches"] = limit_val_batches
-    trainer = Trainer(
-        max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy,
-        logger=[TensorBoardLogger(str(log_dir), name="tensorboard"), CSVLogger(str(log_dir), name="csv")],
-        callbacks=callbacks or [], enable_checkpointing=False, enable_progress_bar=enable_progress_bar,
-        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, **trainer_kwargs)
+            raise RetiaError("segmentation_evaluator: pass num_classes (the datamodule has no num_classes)")
+    trainer = make_trainer(max_epochs, log_dir, callbacks, accelerator=accelerator, devices=devices,
+                           strategy=strategy, precision=precision, limit_train_batches=limit_train_batches,
+                           limit_val_batches=limit_val_batches, enable_progress_bar=enable_progress_bar)
     module = SegmentationModule(num_classes=num_classes, **module_kwargs)
     return Lightning(module, trainer, datamodule=datamodule)

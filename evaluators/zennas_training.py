@@ -33,11 +33,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from nni.nas.evaluator.pytorch import Lightning, LightningModule, Trainer
+from nni.nas.evaluator.pytorch import Lightning, LightningModule
 from torch import nn
 
 from retia.errors import RetiaError
-from retia.evaluators.classification import ReportTop1ToNNI
+from retia.evaluators.classification import ReportTop1ToNNI, make_trainer
 
 __all__ = ["ZenNetTrainingModule", "distillation_loss", "mixup", "smoothed_one_hot", "soft_cross_entropy",
            "stage_features", "weight_decay_groups", "zennas_datamodule", "zennas_lr", "zennas_training_evaluator",
@@ -505,19 +505,9 @@ def zennas_training_evaluator(datamodule: pl.LightningDataModule, num_classes: i
     one process per node with ``torchrun`` or under SLURM with ``srun``: Lightning reads the ranks from the
     environment). ``sync_batchnorm`` synchronises BatchNorm statistics across devices.
     """
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-
-    kwargs: dict[str, Any] = {}
-    if precision:
-        kwargs["precision"] = precision
-    if limit_train_batches is not None:
-        kwargs["limit_train_batches"] = limit_train_batches
-    if limit_val_batches is not None:
-        kwargs["limit_val_batches"] = limit_val_batches
-    trainer = Trainer(max_epochs=max_epochs, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                      strategy=strategy, sync_batchnorm=sync_batchnorm,
-                      logger=[TensorBoardLogger(str(log_dir), name="tensorboard"), CSVLogger(str(log_dir), name="csv")],
-                      callbacks=callbacks or [], enable_checkpointing=False, enable_progress_bar=enable_progress_bar,
-                      enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10, **kwargs)
+    trainer = make_trainer(max_epochs, log_dir, callbacks, accelerator=accelerator, devices=devices,
+                           strategy=strategy, precision=precision, limit_train_batches=limit_train_batches,
+                           limit_val_batches=limit_val_batches, enable_progress_bar=enable_progress_bar,
+                           num_nodes=num_nodes, sync_batchnorm=sync_batchnorm)
     module = ZenNetTrainingModule(num_classes=num_classes, **module_kwargs)
     return Lightning(module, trainer, datamodule=datamodule)
