@@ -11,8 +11,11 @@ takes a faster route (:func:`fast_zen_score`):
 * ``torch.inference_mode``, in-place ReLU, and channels-last tensors (oneDNN's fast convolution/BatchNorm path
   on CPUs; ``channels_last=False`` reproduces ``zen_score`` bit for bit, channels-last agrees to float32
   rounding: |Δ| < 0.1 on ZenNet-1M, whose score changes by ~1 from seed to seed);
-* :func:`release_freed_memory` (glibc ``malloc_trim`` after each candidate): without it the heap fragments over
-  candidates of changing widths and the resident memory of a search grows by hundreds of MB.
+* :func:`release_freed_memory` (glibc ``malloc_trim`` after a candidate once the resident memory has grown by
+  :data:`KEEP_FREE_BYTES` since the last trim): without it the heap fragments over candidates of changing widths and the resident memory of a
+  search grows by hundreds of MB;
+* weights and inputs drawn from a private ``torch.Generator`` seeded per candidate (no save/restore of the
+  global RNG state per candidate).
 
 A structure the chain compiler does not know (SE, custom blocks) falls back to building the module.
 A failing or non-finite score becomes ``FAILED_SCORE`` (-9999, the original search's value for a failure).
@@ -29,6 +32,7 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
@@ -46,8 +50,8 @@ from retia.spaces.zennas.blocks import BN, RELU, ConvDW, ConvKX
 from retia.spaces.zennas.grammar import BuildOptions
 from retia.spaces.zennas.super_blocks import SuperBlock
 
-__all__ = ["FAILED_SCORE", "ZenNASScorer", "candidate_seed", "chain_plan", "fast_zen_score", "release_freed_memory",
-           "score_structure"]
+__all__ = ["FAILED_SCORE", "KEEP_FREE_BYTES", "ZenNASScorer", "candidate_seed", "chain_plan", "fast_zen_score",
+           "release_freed_memory", "resident_bytes", "score_structure"]
 
 _logger = logging.getLogger(__name__)
 
@@ -59,14 +63,14 @@ _SCORING_OPTIONS = BuildOptions(no_reslink=True)
 _libc = None  # glibc, once loaded; False where there is none
 
 
-def release_freed_memory() -> bool:
-    """Give the heap's free pages back to the OS (glibc ``malloc_trim``; False elsewhere).
+#: how far the resident memory may grow over its size after the last trim before :func:`release_freed_memory`
+#: trims again
+KEEP_FREE_BYTES = 96 << 20
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_rss_after_trim: int | None = None
 
-    Candidates of different widths free and allocate activation blocks of ever-changing sizes; glibc keeps the
-    freed ones (its mmap threshold grows after large frees) and the process's resident memory creeps up by
-    hundreds of MB over a search. Trimming after each candidate keeps the peak at one candidate's working set,
-    at no measurable cost per candidate (measured in ``benchmarks/zennas_search.py``).
-    """
+
+def _glibc():
     global _libc
     if _libc is None:
         _libc = False
@@ -76,9 +80,39 @@ def release_freed_memory() -> bool:
                 _libc.malloc_trim  # noqa: B018 (musl has none)
             except (OSError, AttributeError):
                 _libc = False
-    if _libc is False:
+    return _libc
+
+
+def resident_bytes() -> int | None:
+    """The process's resident memory now (``/proc/self/statm``); None where there is none."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def release_freed_memory(keep_bytes: int = 0) -> bool:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim``) once the resident memory has grown by
+    more than ``keep_bytes`` since the last trim; True when it trimmed.
+
+    Candidates of different widths free and allocate activation blocks of ever-changing sizes; glibc keeps the
+    freed ones (its mmap threshold grows after large frees) and the process's resident memory creeps up by
+    hundreds of MB over a search. Trimming bounds that; trimming after *every* candidate costs the next one its
+    page faults again (~15 ms of system time per candidate in ``benchmarks/zennas_search.py``), so the scorer lets
+    the resident memory grow by :data:`KEEP_FREE_BYTES` first.
+    """
+    global _rss_after_trim
+    libc = _glibc()
+    if libc is False:
         return False
-    return bool(_libc.malloc_trim(0))
+    if keep_bytes > 0 and _rss_after_trim is not None:
+        rss = resident_bytes()
+        if rss is not None and rss - _rss_after_trim <= keep_bytes:
+            return False
+    trimmed = bool(libc.malloc_trim(0))
+    _rss_after_trim = resident_bytes()
+    return trimmed
 
 
 def candidate_seed(structure: str, seed: int | None) -> int | None:
@@ -222,15 +256,17 @@ def fast_zen_score(structure: str, resolution: int = 32, batch_size: int = 64, m
     stats = [(torch.zeros(s[1], device=dev), torch.ones(s[1], device=dev)) for s in steps if s[0] == "bn"]
     parallel = _passes_in_parallel(parallel, channels_last, dev)
     scores = []
-    with _fork_rng(dev) if seed is not None else _nullcontext(), torch.inference_mode():
-        if seed is not None:
-            torch.manual_seed(seed)
+    # a private generator seeded like torch.manual_seed(seed) seeds the device's: the same draws, without saving and
+    # restoring the global RNG state per candidate
+    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+    with torch.inference_mode():
         for _ in range(repeat):
             # the draws of gaussian_init_ (conv weights in module order, then the classifier), then x and eps
-            weights = [torch.randn((s[2], s[1] // s[5], s[3], s[3]), device=dev) for s in steps if s[0] == "conv"]
-            torch.randn(head_shape, device=dev)
-            x = torch.randn(shape, device=dev)
-            eps = torch.randn(shape, device=dev)
+            weights = [torch.randn((s[2], s[1] // s[5], s[3], s[3]), device=dev, generator=gen)
+                       for s in steps if s[0] == "conv"]
+            torch.randn(head_shape, device=dev, generator=gen)
+            x = torch.randn(shape, device=dev, generator=gen)
+            eps = torch.randn(shape, device=dev, generator=gen)
             mixed = x + mixup_gamma * eps
             if channels_last:
                 weights = [w.contiguous(memory_format=fmt) for w in weights]
@@ -366,7 +402,7 @@ class ZenNASScorer(FunctionalEvaluator):
         """Score without reporting to NNI."""
         score = score_structure(self._structure(model), **self.arguments)
         if self.release_memory:
-            release_freed_memory()
+            release_freed_memory(KEEP_FREE_BYTES)
         return score
 
     def evaluate(self, model: Any) -> float:

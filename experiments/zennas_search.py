@@ -8,7 +8,7 @@ few minutes on a CPU (population 64, 1200 iterations), and writes the run direct
     best_structure.txt, best.json             the best structure and its record
     search.json                               settings, counts (scored / rejected by reason), timing
     score_vs_iteration.png, score_vs_params.png
-    search_state.json                         the checkpoint --resume continues from (rewritten every iteration)
+    search_state.json                         the checkpoint --resume continues from (rewritten every trial)
 
 ``--config NAME`` loads the settings of one of the original scripts (``experiments/configs/zennas/NAME.yaml``:
 cifar_params1M_{zen,gradnorm,naswot,synflow,te_nas,flops,params,random}, cifar_params2M_zen,
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="named config (see the list above) or a YAML/JSON file")
     p.add_argument("--output", default="runs/zennas-search", help="run directory (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the search in --output where it stopped")
+    p.add_argument("--fsync", action="store_true",
+                   help="sync each finished trial to disk (survives power loss / a crashed node; a few ms per trial)")
     g = p.add_argument_group("search (defaults: the config's, else the CPU demo's)")
     g.add_argument("--proxy", default=None, help="zen, gradnorm, naswot, synflow, te_nas, flops, params, random")
     g.add_argument("--space", default=None, help="XXBL (ResNet-like) or IDW (MobileNet-like)")
@@ -214,7 +216,7 @@ def make_experiment(settings: dict[str, Any], strategy, workdir: Path, concurren
 
 
 def make_strategy(settings: dict[str, Any], run: RunDir | None, resume: bool = False, hooks=(), iteration_hooks=(),
-                  fsync: bool = True):
+                  fsync: bool = False):
     from retia.strategies.zennas_evolution import ZenNASEvolution
 
     table = None
@@ -296,7 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
     def on_iteration(info: dict) -> None:
         bar.update(info["iteration"] - bar.n)
 
-    strategy = make_strategy(settings, run, resume=args.resume, hooks=[on_trial], iteration_hooks=[on_iteration])
+    strategy = make_strategy(settings, run, resume=args.resume, hooks=[on_trial], iteration_hooks=[on_iteration],
+                             fsync=args.fsync)
     experiment = make_experiment(settings, strategy, run.path / "nni", args.concurrency, args.port)
     run.write_json("run.json", {"settings": settings,
                                 "experiments": previous.get("experiments", []) + [experiment.id]})

@@ -114,6 +114,51 @@ def test_structures_the_chain_cannot_model_fall_back_to_the_module():
     assert fast_zen_score(s, 16, 4, seed=1, channels_last=False) == ref
 
 
+def test_freed_memory_is_trimmed_once_resident_memory_grew_by_the_kept_amount(monkeypatch):
+    import retia.evaluators.zennas_scoring as zs
+
+    trims, rss = [], [100 << 20]
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            trims.append(pad)
+            return 1
+
+    monkeypatch.setattr(zs, "_libc", FakeLibc())
+    monkeypatch.setattr(zs, "_rss_after_trim", None)
+    monkeypatch.setattr(zs, "resident_bytes", lambda: rss[0])
+    assert zs.release_freed_memory(64 << 20) is True and trims == [0]  # first call: trims, takes the baseline
+    rss[0] = 150 << 20
+    assert zs.release_freed_memory(64 << 20) is False and trims == [0]  # grew 50 MiB, 64 may
+    rss[0] = 170 << 20
+    assert zs.release_freed_memory(64 << 20) is True and len(trims) == 2  # grew 70 MiB: trim, new baseline
+    assert zs.release_freed_memory(64 << 20) is False and len(trims) == 2
+    assert zs.release_freed_memory() is True and len(trims) == 3  # keep_bytes=0: always
+
+
+def test_trial_log_syncs_to_disk_only_when_asked(tmp_path, monkeypatch):
+    from retia.strategies.zennas_evolution import TrialLog
+
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    TrialLog(tmp_path / "a.jsonl").append({"trial": 1})
+    assert synced == []
+    TrialLog(tmp_path / "b.jsonl", fsync=True).append({"trial": 1})
+    assert len(synced) == 1
+    assert (tmp_path / "a.jsonl").read_text() == '{"trial": 1}\n'  # flushed without a sync
+
+
+def test_resident_bytes_reads_proc():
+    import retia.evaluators.zennas_scoring as zs
+
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("needs /proc (Linux)")
+    before = zs.resident_bytes()
+    block = bytearray(64 << 20)  # touched: resident
+    assert zs.resident_bytes() - before >= 60 << 20
+    del block
+
+
 def test_every_proxy_scores_a_structure_and_failures_are_the_original_value(monkeypatch):
     seed = candidate_seed(INIT, 0)
     assert candidate_seed(INIT, 0) == seed != candidate_seed(INIT, 1) and candidate_seed(INIT, None) is None
