@@ -20,7 +20,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import nni
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -30,6 +29,7 @@ from nni.nas.evaluator.pytorch import Lightning, LightningModule
 from retia.errors import RetiaError
 
 from .classification import load_matching, make_trainer, warmup_cosine
+from .reporting import ReportScoreToNNI
 
 IGNORE_INDEX = 255
 
@@ -101,27 +101,14 @@ class SegmentationMetrics(torchmetrics.Metric):
 # ---------------------------------------------------------------------------------------------------------------
 # Lightning module
 # ---------------------------------------------------------------------------------------------------------------
-class ReportMIoUToNNI:
+class ReportMIoUToNNI(ReportScoreToNNI):
     """Lightning-module mixin: inside an NNI trial (``hparams.report_to_nni``), report validation mIoU in %
     after each epoch and as the final result at the end (the segmentation counterpart of
     :class:`retia.evaluators.classification.ReportTop1ToNNI`). The module calls :meth:`_report_miou` with each
     epoch's value."""
 
-    _last_miou_percent: float | None = None
-
-    def _in_trial(self) -> bool:
-        return bool(self.hparams.report_to_nni) and nni.get_current_parameter() is not None
-
     def _report_miou(self, miou: float) -> None:
-        if math.isnan(miou):
-            return
-        self._last_miou_percent = 100.0 * miou
-        if self._in_trial():
-            nni.report_intermediate_result(self._last_miou_percent)
-
-    def on_fit_end(self):
-        if self._last_miou_percent is not None and self._in_trial():
-            nni.report_final_result(self._last_miou_percent)
+        self._report_score(miou)
 
 
 class SegmentationModule(ReportMIoUToNNI, LightningModule):
