@@ -4,6 +4,8 @@
   itself one split (``<class>/*.jpg``) serves as the validation set (evaluation and search need no train set).
 * CIFAR-10 / CIFAR-100 in torchvision's format: ``root/cifar-10-batches-py`` or ``root/cifar-100-python``
   (``root`` may also be that folder itself).
+* An ImageFolder packed into LMDB by ``python -m retia.data.lmdb_folder pack``: the ``.lmdb`` file itself, or a
+  folder holding ``train.lmdb`` and ``val.lmdb`` (see :mod:`retia.data.lmdb_folder`); same samples, same order.
 """
 from __future__ import annotations
 
@@ -49,12 +51,21 @@ def _is_class_folder_split(path: Path) -> bool:
 
 
 def detect_layout(root: str | Path) -> tuple[str, Path]:
-    """``('imagefolder' | 'split' | 'cifar10' | 'cifar100', resolved_root)`` or a one-line error naming the path."""
+    """``('imagefolder' | 'split' | 'cifar10' | 'cifar100' | 'lmdb' | 'lmdb-dir', resolved_root)`` or a one-line
+    error naming the path."""
     path = Path(root).expanduser()
     if not path.exists():
         raise RetiaError(f"datapath {str(root)!r} does not exist")
+    if path.is_file():
+        from .lmdb_folder import read_meta
+
+        try:
+            read_meta(path)
+        except RetiaError as exc:
+            raise RetiaError(f"datapath {str(root)!r} is not a directory, nor a packed LMDB file: {exc}") from None
+        return "lmdb", path
     if not path.is_dir():
-        raise RetiaError(f"datapath {str(root)!r} is not a directory")
+        raise RetiaError(f"datapath {str(root)!r} is not a directory or an LMDB file")
     for folder, (name, _) in CIFAR_FOLDERS.items():
         if path.name == folder:
             return name, path.parent
@@ -62,10 +73,12 @@ def detect_layout(root: str | Path) -> tuple[str, Path]:
             return name, path
     if (path / "train").is_dir() and (path / "val").is_dir():
         return "imagefolder", path
+    if (path / "train.lmdb").is_file() or (path / "val.lmdb").is_file():
+        return "lmdb-dir", path
     if _is_class_folder_split(path):
         return "split", path
     raise RetiaError(f"datapath {str(root)!r}: expected train/ and val/ class folders, one split of class folders, "
-                     f"or CIFAR's cifar-10-batches-py / cifar-100-python")
+                     f"CIFAR's cifar-10-batches-py / cifar-100-python, or train.lmdb / val.lmdb")
 
 
 class FolderDataModule(pl.LightningDataModule):
@@ -80,11 +93,20 @@ class FolderDataModule(pl.LightningDataModule):
         self.auto_augment, self.reprob = auto_augment, reprob
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.lmdb_sources: dict[str, tuple[Path, str]] = {}
+        if self.layout in ("lmdb", "lmdb-dir"):
+            from .lmdb_folder import datamodule_sources
+
+            self.lmdb_sources = datamodule_sources(self.layout, self.root)
         self.num_classes = self._count_classes()
 
     def _count_classes(self) -> int:
         if self.layout in ("cifar10", "cifar100"):
             return 10 if self.layout == "cifar10" else 100
+        if self.lmdb_sources:
+            from .lmdb_folder import read_meta
+
+            return len(read_meta(self.lmdb_sources["val"][0])["classes"])
         split = self.root / "val" if self.layout == "imagefolder" else self.root
         return sum(1 for p in split.iterdir() if p.is_dir())
 
@@ -102,14 +124,28 @@ class FolderDataModule(pl.LightningDataModule):
         except (FileNotFoundError, RuntimeError) as exc:
             raise RetiaError(f"datapath {str(split)!r}: not an ImageFolder split ({exc})") from None
 
+    def _lmdb(self, role: str):
+        from .lmdb_folder import LMDBImageFolder
+
+        path, split = self.lmdb_sources[role]
+        transform = imagenet_transforms(self.image_size, role == "train", self.auto_augment, self.reprob)
+        return LMDBImageFolder(path, split, transform=transform)
+
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None:
             return
         if self.layout in ("cifar10", "cifar100"):
             self.train_set, self.val_set = self._cifar(True), self._cifar(False)
+        elif self.lmdb_sources:
+            self.train_set = self._lmdb("train") if "train" in self.lmdb_sources else None
+            self.val_set = self._lmdb("val")
         elif self.layout == "imagefolder":
             self.train_set = self._folder(self.root / "train", True)
             self.val_set = self._folder(self.root / "val", False)
+            if self.train_set.classes != self.val_set.classes:
+                raise RetiaError(f"datapath {str(self.root)!r}: train/ has {len(self.train_set.classes)} class "
+                                 f"folders, val/ {len(self.val_set.classes)} or other names: expected the same "
+                                 "class folders in both (labels are their sorted order)")
         else:
             self.val_set = self._folder(self.root, False)
 
