@@ -1,13 +1,20 @@
-"""HR-NAS search by progressive shrinking (classification), as an NNI experiment.
+"""HR-NAS search by progressive shrinking (classification, segmentation; keypoints once its task modules exist),
+as an NNI experiment.
 
 ``python experiments/hrnas_search.py`` with no arguments: the ``tiny`` supernet on the embedded digits (32x32),
-a CPU-sized run of a few minutes. Writes to ``--output`` (default ``runs/hrnas-search``):
+a CPU-sized run of a few minutes; ``--config experiments/configs/hrnas/seg_cpu.yml``: the same for segmentation
+on the embedded synthetic shapes (mIoU). The task table :data:`TASKS` gives each task's data, Lightning
+evaluator, final metric and metric name (``top1`` / ``miou`` / ``ap``). Writes to ``--output`` (default
+``runs/hrnas-search``):
 
-* ``arch.json`` — the searched arch dict (+ ``macs``, ``params``, ``config``), ``best_model.json`` — the same arch in
-  the original's ``inverted_residual_setting`` format, ``tokens.json`` — tokens per transformer (block order);
-* ``searched.safetensors`` (+ ``.json`` sidecar: kind, config, arch) — the shrunk network's weights;
-* ``trials.jsonl`` / ``.csv`` / ``.json`` — one row per epoch (MACs, parameters, validation top-1, whether it
-  shrank), ``macs.png`` (MACs vs epoch) and ``accuracy.png`` (validation top-1 vs epoch);
+* ``arch.json`` — the searched arch dict (+ ``macs``, ``params``, the task metric of the searched network,
+  ``config``), ``best_model.json`` — the same arch in the original's ``inverted_residual_setting`` format,
+  ``tokens.json`` — tokens per transformer (block order);
+* ``searched.safetensors`` (+ ``.json`` sidecar: kind, config, arch) — the shrunk network's weights (the EMA
+  weights when ``train.ema_decay`` > 0; BN statistics recalibrated when ``search.bn_recalibration_batches`` > 0);
+* ``trials.jsonl`` / ``.csv`` / ``.json`` — one row per epoch (MACs, parameters, the validation metric in %,
+  whether it shrank), ``macs.png`` (MACs vs epoch) and the metric vs epoch: ``accuracy.png`` (top-1,
+  classification), ``miou.png`` (segmentation), ``ap.png`` (keypoints);
 * ``logs/`` (TensorBoard + CSV) and ``nni/`` (NNI's experiment directory);
 * ``config.yaml`` — the experiment config the run used (the schema :class:`HRNASSearchConfig`, resolved).
 
@@ -19,13 +26,15 @@ config, whose defaults are the flags' defaults.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 if __package__ in (None, ""):  # run as a script: make `retia` importable from a source checkout as well
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,7 +43,6 @@ from retia.cli import add_threads_arg, quiet, run_main, seed_everything, set_thr
 from retia.errors import RetiaError  # noqa: E402
 
 SUBNET_KIND = "hrnas-searched"
-AVAILABLE_TASKS = ("classification",)
 OPTIMIZERS = ("adamw",)
 SCHEDULERS = ("cosine",)
 
@@ -73,9 +81,10 @@ class TrainConfig:
     learning_rate: float = 1e-2
     weight_decay: float = 0.01  # not on BN / biases
     warmup: float = 1.0  # learning-rate warmup epochs
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # classification only
     limit_train_batches: Optional[float] = None
     accelerator: str = "cpu"
+    ema_decay: float = 0.0  # EMA of the weights (validated on, shrunk with the network, the result); 0: off
 
 
 @dataclass
@@ -87,6 +96,7 @@ class SearchConfig:
     interval: int = 2  # epochs between shrink checks
     min_delta_macs: float = 0.0  # shrink only when at least this many MACs go
     tokens: bool = True  # also remove transformer tokens
+    bn_recalibration_batches: int = 10  # re-estimate BN statistics of the final network on this many batches; 0: off
 
 
 @dataclass
@@ -109,7 +119,7 @@ FLAG_KEYS = {
     "limit_train_batches": "train.limit_train_batches", "accelerator": "train.accelerator", "rho": "search.rho",
     "epoch_free": "search.epoch_free", "epoch_warmup": "search.epoch_warmup", "threshold": "search.threshold",
     "interval": "search.interval", "min_delta_macs": "search.min_delta_macs", "output": "output", "seed": "seed",
-    "threads": "threads",
+    "threads": "threads", "ema_decay": "train.ema_decay", "bn_recalibration_batches": "search.bn_recalibration_batches",
 }
 
 
@@ -136,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=int, default=2, help="epochs between shrink checks")
     p.add_argument("--min-delta-macs", type=float, default=0, help="shrink only when at least this many MACs go")
     p.add_argument("--no-tokens", action="store_true", help="do not remove transformer tokens")
+    p.add_argument("--ema-decay", type=float, default=0.0,
+                   help="EMA of the weights, e.g. 0.9999 (validated on, shrunk with the network; default 0: off)")
+    p.add_argument("--bn-recalibration-batches", type=int, default=10,
+                   help="re-estimate the searched network's BN statistics on this many training batches (0: off)")
     p.add_argument("--limit-train-batches", type=float, default=None, help="Lightning's limit_train_batches")
     p.add_argument("--output", default="runs/hrnas-search")
     p.add_argument("--accelerator", default="cpu")
@@ -175,19 +189,208 @@ def parse_config(argv: list[str] | None = None):
     return load_config(path, rest, schema=HRNASSearchConfig, aliases=FLAG_KEYS)
 
 
-def check_config(c) -> None:
-    """What the config asks for that this entry point cannot do yet: one line each."""
+# ---------------------------------------------------------------------------------------------------------------
+# tasks: data, evaluator, final metric (adding a task = one TaskSpec in TASKS)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the search (and ``hrnas_retrain.py``) needs to know about a task.
+
+    ``datamodule(config, (h, w))`` builds the data; ``outputs(datamodule)`` the classes / joints the data has
+    (None: keep the network config's); ``evaluator(config, datamodule, net_config, log_dir, callbacks)`` the NNI
+    Lightning evaluator, whose module logs ``monitor`` (a fraction) each validation; ``evaluate(net,
+    datamodule)`` the final metric (a fraction) of a network. ``metric`` names the trials column / summary key
+    (in %), ``plot`` the metric's plot file. ``modules``: what must be importable for the task to be available.
+    """
+
+    name: str
+    metric: str
+    monitor: str
+    plot: str
+    label: str
+    datamodule: Callable[[Any, tuple[int, int]], Any]
+    outputs: Callable[[Any], Optional[int]]
+    evaluator: Callable[..., Any]
+    evaluate: Callable[[Any, Any], float]
+    modules: tuple[str, ...] = ()
+
+    def available(self) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in self.modules)
+
+
+def _device(net):
+    return next(net.parameters()).device
+
+
+def _classification_data(c, hw):
+    from retia.data import build_datamodule
+
+    return build_datamodule(c.data.path, image_size=hw[0], batch_size=c.data.batch_size)
+
+
+def _classification_evaluator(c, datamodule, cfg, log_dir, callbacks=None):
+    from retia.evaluators.classification import classification_evaluator
+
+    t = c.train
+    return classification_evaluator(
+        datamodule, num_classes=cfg["num_classes"], max_epochs=t.epochs, log_dir=log_dir, callbacks=callbacks,
+        accelerator=t.accelerator, limit_train_batches=t.limit_train_batches, learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay, warmup_epochs=t.warmup, label_smoothing=t.label_smoothing, mixup=0.0,
+        cutmix=0.0, report_to_nni=False)
+
+
+def _top1(net, datamodule) -> float:
+    """Validation top-1 (fraction) of ``net`` in eval mode."""
+    import torch
+
+    net.eval()
+    dev = _device(net)
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in datamodule.val_dataloader():
+            correct += int((net(x.to(dev)).argmax(1).cpu() == y).sum())
+            total += int(y.numel())
+    return correct / max(total, 1)
+
+
+def _segmentation_data(c, hw):
+    from retia.data import build_segmentation_datamodule
+
+    if c.data.path is None:
+        if hw[0] != hw[1]:
+            raise RetiaError(f"model.input_size {list(hw)}: the embedded synthetic shapes are square; expected one "
+                             "int (or a Cityscapes / ADE20K data.path)")
+        return build_segmentation_datamodule(None, image_size=hw[0], batch_size=c.data.batch_size, seed=c.seed)
+    return build_segmentation_datamodule(c.data.path, image_size=list(hw), batch_size=c.data.batch_size,
+                                         seed=c.seed)
+
+
+def _segmentation_evaluator(c, datamodule, cfg, log_dir, callbacks=None):
+    from retia.evaluators.segmentation import segmentation_evaluator
+
+    t = c.train
+    return segmentation_evaluator(
+        datamodule, max_epochs=t.epochs, log_dir=log_dir, num_classes=cfg["num_classes"], callbacks=callbacks,
+        accelerator=t.accelerator, limit_train_batches=t.limit_train_batches, learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay, warmup_epochs=t.warmup, ignore_index=getattr(datamodule, "ignore_index", 255),
+        report_to_nni=False)
+
+
+def _miou(net, datamodule) -> float:
+    """Validation mIoU (fraction) of ``net`` in eval mode: one confusion matrix over the whole validation set."""
+    import torch
+
+    from retia.evaluators.segmentation import SegmentationMetrics
+
+    net.eval()
+    dev = _device(net)
+    metrics = SegmentationMetrics(net.config["num_classes"], getattr(datamodule, "ignore_index", 255)).to(dev)
+    with torch.no_grad():
+        for x, y in datamodule.val_dataloader():
+            metrics.update(net(x.to(dev)), y.to(dev))
+    return float(metrics.compute()["miou"])
+
+
+def _keypoint_data(c, hw):
+    from retia.data.keypoints import build_keypoint_datamodule
+
+    return build_keypoint_datamodule(c.data.path, input_size=tuple(hw), batch_size=c.data.batch_size, seed=c.seed)
+
+
+def _keypoint_evaluator(c, datamodule, cfg, log_dir, callbacks=None):
+    from retia.evaluators.keypoints import keypoint_evaluator
+
+    t = c.train
+    return keypoint_evaluator(datamodule, max_epochs=t.epochs, log_dir=log_dir, num_joints=cfg["num_classes"],
+                              callbacks=callbacks, accelerator=t.accelerator, limit_train_batches=t.limit_train_batches,
+                              learning_rate=t.learning_rate, weight_decay=t.weight_decay, warmup_epochs=t.warmup,
+                              report_to_nni=False)
+
+
+def _keypoint_ap(net, datamodule) -> float:
+    from retia.evaluators.keypoints import evaluate_keypoints
+
+    net.eval()
+    return float(evaluate_keypoints(net, datamodule)["AP"])
+
+
+TASKS: dict[str, TaskSpec] = {
+    "classification": TaskSpec("classification", "top1", "val_top1", "accuracy.png", "val top-1 (%)",
+                               _classification_data, lambda dm: getattr(dm, "num_classes", None),
+                               _classification_evaluator, _top1),
+    "segmentation": TaskSpec("segmentation", "miou", "val_miou", "miou.png", "val mIoU (%)", _segmentation_data,
+                             lambda dm: getattr(dm, "num_classes", None), _segmentation_evaluator, _miou),
+    "keypoint": TaskSpec("keypoint", "ap", "val_ap", "ap.png", "val AP (%)", _keypoint_data,
+                         lambda dm: getattr(dm, "num_joints", None), _keypoint_evaluator, _keypoint_ap,
+                         modules=("retia.data.keypoints", "retia.evaluators.keypoints")),
+}
+
+
+def available_tasks() -> list[str]:
+    return [name for name, spec in TASKS.items() if spec.available()]
+
+
+def task_spec(c) -> TaskSpec:
+    """The config's task, or a one-line error when this installation cannot run it."""
     task = c.task.value
-    if task not in AVAILABLE_TASKS:
-        raise RetiaError(f"task {task!r} is not available yet (available: {', '.join(AVAILABLE_TASKS)})")
+    spec = TASKS.get(task)
+    if spec is None or not spec.available():
+        raise RetiaError(f"task {task!r} is not available yet (available: {', '.join(available_tasks())})")
+    return spec
+
+
+def check_config(c) -> None:
+    """What the config asks for that this entry point cannot do (yet): one line each."""
+    task_spec(c)
     if c.train.optimizer not in OPTIMIZERS:
         raise RetiaError(f"train.optimizer {c.train.optimizer!r} is not available yet (available: {', '.join(OPTIMIZERS)})")
     if c.train.scheduler not in SCHEDULERS:
         raise RetiaError(f"train.scheduler {c.train.scheduler!r} is not available yet (available: {', '.join(SCHEDULERS)})")
     if c.train.epochs < 1:
         raise RetiaError(f"train.epochs {c.train.epochs} (--epochs): expected >= 1")
+    if not 0 <= c.train.ema_decay < 1:
+        raise RetiaError(f"train.ema_decay {c.train.ema_decay} (--ema-decay): expected 0 (off) or a number in (0, 1)")
+    if c.search.bn_recalibration_batches < 0:
+        raise RetiaError(f"search.bn_recalibration_batches {c.search.bn_recalibration_batches}: expected >= 0 (0: off)")
     if c.threads < 1:
         raise RetiaError(f"threads {c.threads}: expected a positive integer")
+
+
+def model_overrides(c, **extra) -> dict[str, Any]:
+    """The network config keys the experiment config sets on top of its preset."""
+    from retia.config import to_dict
+
+    model = to_dict(c)["model"]
+    overrides = {k: v for k, v in model.items() if k != "preset" and v is not None}
+    if c.task.value != "classification":  # a classification-layout preset (tiny, cpu) with another task's head
+        overrides["task"] = c.task.value
+    overrides.update(extra)
+    return overrides
+
+
+def build_task(c, build_space: bool = True):
+    """``(task spec, network config, datamodule, space)`` of an experiment config: the network config is the
+    preset with the config's overrides and the data's number of classes / joints; ``space`` is the
+    :class:`~retia.spaces.hrnas.HRNASSpace` (None unless ``build_space``)."""
+    from retia.spaces.hrnas import HRNASSpace, resolve_config
+    from retia.spaces.hrnas.network import input_hw
+
+    spec = task_spec(c)
+    overrides = model_overrides(c)
+    cfg = resolve_config(c.model.preset, **overrides)
+    if cfg["task"] != c.task.value:
+        raise RetiaError(f"task {c.task.value!r} but model.preset {c.model.preset!r} is a {cfg['task']} network: "
+                         "expected the same task")
+    # the space is built before the data, and again only if the data changes the classes (the seeded runs'
+    # random stream depends on it)
+    space = HRNASSpace(cfg) if build_space else None
+    datamodule = spec.datamodule(c, input_hw(cfg))
+    outputs = spec.outputs(datamodule)
+    if outputs and outputs != cfg["num_classes"]:
+        overrides["num_classes"] = outputs
+        cfg = resolve_config(c.model.preset, **overrides)
+        space = HRNASSpace(cfg) if build_space else None
+    return spec, cfg, datamodule, space
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -199,30 +402,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from nni.nas.experiment import NasExperiment
     from nni.nas.experiment.config import RawModelFormatConfig, SequentialEngineConfig
 
-    from retia.data import build_datamodule
-    from retia.evaluators.classification import classification_evaluator
+    from retia.config import to_yaml
     from retia.results import RunDir
-    from retia.spaces.hrnas import HRNASSpace, count_macs, to_best_model, tokens_list
+    from retia.spaces.hrnas import count_macs, to_best_model, tokens_list
     from retia.strategies.hrnas_shrinking import ProgressiveShrinkingStrategy
     from retia.weights import save_weights
 
-    from retia.config import to_dict, to_yaml
-
-    model = to_dict(c)["model"]
-    overrides = {k: v for k, v in model.items() if k != "preset" and v is not None}
-    if c.task.value != "classification":  # a classification-layout preset (tiny, cpu) with another task's head
-        overrides["task"] = c.task.value
-    space = HRNASSpace(c.model.preset, **overrides)
-    cfg = space.config
-    if cfg["task"] != c.task.value:
-        raise RetiaError(f"task {c.task.value!r} but model.preset {c.model.preset!r} is a {cfg['task']} network: "
-                         "expected the same task")
-    size = cfg["input_size"] if isinstance(cfg["input_size"], int) else cfg["input_size"][0]
-    datamodule = build_datamodule(c.data.path, image_size=size, batch_size=c.data.batch_size)
-    num_classes = getattr(datamodule, "num_classes", None)
-    if num_classes and num_classes != cfg["num_classes"]:
-        space = HRNASSpace(c.model.preset, **dict(overrides, num_classes=num_classes))
-        cfg = space.config
+    spec, cfg, datamodule, space = build_task(c)
 
     out = Path(c.output)
     run = RunDir(out)
@@ -230,18 +416,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def on_epoch(rec):
         run.log_trial({"epoch": rec.epoch, "macs": rec.macs, "params": rec.params, "shrunk": rec.shrunk,
-                       "top1": 100 * rec.metrics.get("val_top1", float("nan")), "seconds": round(rec.seconds, 2)})
+                       spec.metric: 100 * rec.metrics.get(spec.monitor, float("nan")),
+                       "seconds": round(rec.seconds, 2)})
 
     s = c.search
     strategy = ProgressiveShrinkingStrategy(
-        rho=s.rho, epoch_free=s.epoch_free, epoch_warmup=s.epoch_warmup, threshold=s.threshold,
-        interval=s.interval, min_delta_macs=s.min_delta_macs, tokens=s.tokens, on_epoch=on_epoch)
-    t = c.train
-    evaluator = classification_evaluator(
-        datamodule, num_classes=cfg["num_classes"], max_epochs=t.epochs, log_dir=out / "logs",
-        accelerator=t.accelerator, limit_train_batches=t.limit_train_batches, learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay, warmup_epochs=t.warmup, label_smoothing=t.label_smoothing, mixup=0.0,
-        cutmix=0.0, report_to_nni=False)
+        monitor=spec.monitor, rho=s.rho, epoch_free=s.epoch_free, epoch_warmup=s.epoch_warmup,
+        threshold=s.threshold, interval=s.interval, min_delta_macs=s.min_delta_macs, tokens=s.tokens,
+        on_epoch=on_epoch, ema_decay=c.train.ema_decay, bn_recalibration_batches=s.bn_recalibration_batches)
+    evaluator = spec.evaluator(c, datamodule, cfg, out / "logs")
     experiment = NasExperiment(space, evaluator, strategy)
     experiment.config.experiment_working_directory = str((out / "nni").resolve())
     experiment.config.execution_engine = SequentialEngineConfig()
@@ -255,42 +438,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     macs = count_macs(cfg, arch)
     params = sum(p.numel() for p in net.parameters())
     # the epoch's validation ran before that epoch's shrink: measure the searched network itself
-    top1 = _top1(net, datamodule)
+    value = spec.evaluate(net, datamodule)
     last_val = strategy.final_metric
-    summary = {"arch": arch, "macs": macs, "supernet_macs": initial_macs, "params": params, "top1": 100 * top1,
-               "top1_before_last_shrink": None if last_val is None else 100 * last_val,
-               "seconds": round(seconds, 1), "config": cfg}
+    m = spec.metric
+    summary = {"arch": arch, "macs": macs, "supernet_macs": initial_macs, "params": params, m: 100 * value,
+               f"{m}_before_last_shrink": None if last_val is None else 100 * last_val,
+               "seconds": round(seconds, 1), "config": cfg, "task": spec.name, "metric": m,
+               "ema_decay": c.train.ema_decay, "bn_recalibration_batches": strategy.callback.recalibrated}
     run.write_json("arch.json", summary)
     (out / "best_model.json").write_text(json.dumps(to_best_model(cfg, arch)) + "\n")
     run.write_json("tokens.json", tokens_list(cfg, arch))
     save_weights(net.state_dict(), out / "searched.safetensors", {"kind": SUBNET_KIND, "config": cfg, "arch": arch})
-    _plots(run)
+    plot_run(run, spec)
     print(f"searched: {macs / 1e6:.2f}M MACs (supernet {initial_macs / 1e6:.2f}M), {params / 1e6:.3f}M params, "
-          f"top-1 {summary['top1']:.1f}% in {seconds:.0f} s -> {out}")
+          f"{_metric_text(spec, summary[m])} in {seconds:.0f} s -> {out}")
     return summary
 
 
-def _top1(net, datamodule) -> float:
-    """Validation top-1 (fraction) of ``net`` in eval mode."""
-    import torch
-
-    net.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in datamodule.val_dataloader():
-            correct += int((net(x).argmax(1) == y).sum())
-            total += int(y.numel())
-    return correct / max(total, 1)
+def _metric_text(spec: TaskSpec, percent: float) -> str:
+    name = {"top1": "top-1", "miou": "mIoU", "ap": "AP"}.get(spec.metric, spec.metric)
+    return f"{name} {percent:.1f}%" if not math.isnan(percent) else f"{name} n/a"
 
 
-def _plots(run) -> None:
+def plot_run(run, spec: TaskSpec, macs: bool = True) -> None:
+    """``macs.png`` (when ``macs``) and the task metric's plot (``spec.plot``) from the run's per-epoch rows."""
     from retia.results import _pyplot
 
     rows = [t for t in run.trials() if t.get("epoch") is not None]
     plt = _pyplot()
-    for key, name, label, scale in (("macs", "macs.png", "MMACs", 1e6), ("top1", "accuracy.png", "val top-1 (%)", 1)):
+    plots = ([("macs", "macs.png", "MMACs", 1e6)] if macs else []) + [(spec.metric, spec.plot, spec.label, 1)]
+    for key, name, label, scale in plots:
+        pts = [(r["epoch"] + 1, r[key] / scale) for r in rows if r.get(key) is not None]
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-        ax.plot([r["epoch"] + 1 for r in rows], [r[key] / scale for r in rows], "o-")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

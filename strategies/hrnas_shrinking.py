@@ -20,13 +20,29 @@ and BN scales get no weight decay, as the original's ``mnas`` rule), so it works
 Lightning evaluator, trains ``space.network`` once, and leaves the searched network in the space. Shrinking
 is one training run, not a stream of sampled trials, so the strategy runs it in process (like NNI's one-shot
 strategies) and reports one model.
+
+Two optional parts of the original's training loop (``train.py``, ``utils/optim.py``, ``utils/common.py``):
+
+* **EMA of the weights** (:class:`ModelEMA`, :class:`WeightEMA`; ``ema_decay`` > 0): a copy of the network whose
+  parameters and BN running statistics follow shadow ← d·shadow + (1 − d)·value after every optimizer step, with
+  d = min(decay, (1 + n) / (10 + n)) at the n-th update (TensorFlow's warm start, as the original). Validation
+  runs on the copy and it is the searched network at the end. At a shrink a unit survives when its scale is
+  above the threshold in the live network *or* in the copy (the original ORs the two masks), except at the last
+  epoch, where the copy alone decides (the original's ``ema_only``); the copy is then cut with the same kept
+  indices (:func:`retia.spaces.hrnas.network.extract`), so the averages of the surviving channels carry over
+  exactly.
+* **BN recalibration** (:func:`recalibrate_bn`; ``bn_recalibration_batches`` > 0): after the last shrink the
+  final network's BN running statistics are reset and re-estimated as the plain average over that many
+  training batches (``momentum=None``; the original's ``bn_calibration``), since the shrunk network's
+  activations no longer match statistics collected while it was bigger.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pytorch_lightning as pl
 import torch
@@ -39,8 +55,9 @@ from ..spaces.hrnas import network as hnet
 _logger = logging.getLogger(__name__)
 EPS = 1e-5  # the original's guard in the normaliser's denominator
 
-__all__ = ["ResourcePenalty", "rho_schedule", "shrink_keep", "shrink", "remap_optimizer", "ProgressiveShrinking",
-           "ProgressiveShrinkingStrategy"]
+__all__ = ["ResourcePenalty", "rho_schedule", "shrink_keep", "union_keep", "shrink", "remap_optimizer", "ModelEMA",
+           "WeightEMA", "recalibrate_bn", "ProgressiveShrinking", "ProgressiveShrinkingStrategy"]
+MONITORS = ("val_top1", "val_miou", "val_ap")  # the validation metrics the strategy reports, first one logged
 
 
 class ResourcePenalty:
@@ -143,6 +160,18 @@ def shrink_keep(net: hnet.HRNet, threshold: float, tokens: bool = True) -> hnet.
     return keep
 
 
+def union_keep(a: hnet.Keep, b: hnet.Keep) -> hnet.Keep:
+    """The units kept in ``a`` or in ``b`` (sorted indices per block and key)."""
+    out: hnet.Keep = {}
+    for name in a.keys() | b.keys():
+        ea, eb = a.get(name, {}), b.get(name, {})
+        out[name] = {}
+        for key in ea.keys() | eb.keys():
+            parts = [e[key] for e in (ea, eb) if key in e]
+            out[name][key] = torch.unique(torch.cat(parts)) if len(parts) > 1 else parts[0]
+    return out
+
+
 def shrink(net: hnet.HRNet, threshold: float, tokens: bool = True) -> tuple[hnet.HRNet, hnet.Keep]:
     """The physically smaller network without the channels / tokens under ``threshold`` (and the kept indices)."""
     keep = shrink_keep(net, threshold, tokens)
@@ -183,6 +212,156 @@ def remap_optimizer(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn.Mo
     optimizer.state.update(new_state)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# EMA of the weights, BN recalibration
+# ---------------------------------------------------------------------------------------------------------------
+def _model(pl_module) -> nn.Module:
+    return pl_module.model
+
+
+def _set_model(pl_module, net: nn.Module) -> None:
+    if hasattr(pl_module, "set_model"):  # NNI's LightningModule keeps the model behind a property
+        pl_module.set_model(net)
+    else:
+        pl_module.model = net
+
+
+class ModelEMA:
+    """Exponential moving average of ``net``'s parameters and BN running statistics, kept in a frozen copy
+    :attr:`net` (the original's ``ExponentialMovingAverage`` over ``named_parameters`` + ``running_mean`` /
+    ``running_var``).
+
+    :meth:`update` (after each optimizer step): shadow ← d·shadow + (1 − d)·value with
+    d = :meth:`rate` (n) = min(``decay``, (1 + n) / (10 + n)) at the n-th update (n = 1, 2, ...). The copy's other
+    buffers (BN batch counters, the ``const`` of a block without branches) are its own. :meth:`shrink` cuts the
+    copy with a shrink's kept indices.
+    """
+
+    def __init__(self, net: nn.Module, decay: float):
+        if not (isinstance(decay, (int, float)) and 0 < decay < 1):
+            raise RetiaError(f"EMA decay {decay!r}: expected a number in (0, 1) (0 turns the EMA off)")
+        self.decay, self.updates = float(decay), 0
+        self.net = self._freeze(copy.deepcopy(net))
+
+    @staticmethod
+    def _freeze(net: nn.Module) -> nn.Module:
+        net.eval()
+        net.requires_grad_(False)
+        return net
+
+    @staticmethod
+    def averaged(net: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors the average covers: every parameter and BN running mean / variance, by name."""
+        out = {n: p for n, p in net.named_parameters()}
+        out.update({n: b for n, b in net.named_buffers() if n.endswith(("running_mean", "running_var"))})
+        return out
+
+    def rate(self, n: int) -> float:
+        return min(self.decay, (1.0 + n) / (10.0 + n))
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> float:
+        """One averaging step towards ``net`` (same arch as :attr:`net`); returns the decay used."""
+        live = self.averaged(net)
+        shadow = self.averaged(self.net)
+        if live.keys() != shadow.keys():
+            raise RuntimeError("EMA: the network and its average differ in structure (shrink both with one keep)")
+        device = next(iter(live.values())).device
+        if next(iter(shadow.values())).device != device:
+            self.net.to(device)
+            shadow = self.averaged(self.net)
+        self.updates += 1
+        d = self.rate(self.updates)
+        for name, value in live.items():
+            target = shadow[name]
+            if target.shape != value.shape:
+                raise RuntimeError(f"EMA: {name} is {tuple(value.shape)} in the network, {tuple(target.shape)} "
+                                   "in its average")
+            target.mul_(d).add_(value.detach(), alpha=1.0 - d)
+        return d
+
+    def shrink(self, keep: hnet.Keep) -> None:
+        """Cut the average like the network: the kept channels / tokens keep their averaged values."""
+        self.net = self._freeze(hnet.extract(self.net, keep))
+
+
+class WeightEMA(pl.Callback):
+    """Lightning callback keeping a :class:`ModelEMA` of ``pl_module.model``: updated after every optimizer step,
+    swapped in for validation, and left as ``pl_module.model`` when training ends (the averaged weights are the
+    result). ``decay`` in (0, 1)."""
+
+    def __init__(self, decay: float):
+        super().__init__()
+        if not (isinstance(decay, (int, float)) and 0 < decay < 1):
+            raise RetiaError(f"EMA decay {decay!r}: expected a number in (0, 1) (0 turns the EMA off)")
+        self.decay = float(decay)
+        self.ema: ModelEMA | None = None
+        self._live: nn.Module | None = None
+        self._step = -1
+
+    def on_fit_start(self, trainer, pl_module):
+        self.ema = ModelEMA(_model(pl_module), self.decay)
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.ema is not None and trainer.global_step != self._step:  # an optimizer step happened
+            self._step = trainer.global_step
+            self.ema.update(_model(pl_module))
+
+    def on_validation_start(self, trainer, pl_module):
+        if self.ema is not None and self._live is None and _model(pl_module) is not self.ema.net:
+            self._live = _model(pl_module)
+            _set_model(pl_module, self.ema.net.eval())
+
+    def on_validation_end(self, trainer, pl_module):
+        if self._live is not None:
+            _set_model(pl_module, self._live)
+            self._live = None
+
+    def on_train_end(self, trainer, pl_module):
+        if self.ema is not None:
+            _set_model(pl_module, self.ema.net.requires_grad_(True))
+
+
+@torch.no_grad()
+def recalibrate_bn(net: nn.Module, batches: Iterable, num_batches: int) -> int:
+    """Reset every BatchNorm's running statistics of ``net`` and re-estimate them from the first ``num_batches``
+    of ``batches`` (tensors, or tuples / lists whose first item is the input): BN layers in training mode with
+    ``momentum=None`` (PyTorch's cumulative average: running mean = mean of the batch means, running variance =
+    mean of the unbiased batch variances), everything else (dropout) in eval mode; no gradients. Momenta and the
+    train / eval mode are restored. Returns the number of batches used."""
+    if not isinstance(num_batches, int) or num_batches < 1:
+        raise RetiaError(f"BN recalibration batches {num_batches!r}: expected an int >= 1")
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    was_training, momenta = net.training, [bn.momentum for bn in bns]
+    device = next(net.parameters()).device
+    net.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    used = 0
+    try:
+        for batch in batches:
+            if used >= num_batches:
+                break
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            if not torch.is_tensor(x):
+                raise RetiaError(f"BN recalibration: a batch of {type(batch).__name__}; expected a tensor or "
+                                 "(input, ...) tuple")
+            net(x.to(device))
+            used += 1
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+        net.train(was_training)
+    if used == 0:
+        raise RetiaError("BN recalibration: the training data gave no batch")
+    return used
+
+
 @dataclass
 class ShrinkRecord:
     epoch: int
@@ -202,19 +381,28 @@ class ProgressiveShrinking(pl.Callback):
     ``eval_interval``); ``min_delta_macs``: shrink only when at least that many MACs go (always at the last
     epoch); ``tokens``: also remove tokens; ``verify``: check after each shrink that torch's FlopCounterMode on the
     new module equals the closed-form MACs of its arch and that they went down.
-    ``history`` holds one :class:`ShrinkRecord` per epoch (MACs after that epoch's shrink, validation metrics).
+    ``ema_decay`` > 0: keep an EMA of the weights (:class:`WeightEMA`; validated on, shrunk with the network, the
+    result at the end — see the module docstring); ``bn_recalibration_batches`` > 0: re-estimate the final
+    network's BN statistics on that many training batches when training ends (:func:`recalibrate_bn`).
+    ``history`` holds one :class:`ShrinkRecord` per epoch (MACs after that epoch's shrink, validation metrics);
+    ``recalibrated``: the batches the BN recalibration used.
     """
 
     def __init__(self, rho: float = 5e-3, epoch_free: float = 0, epoch_warmup: float = 2, threshold: float = 1e-3,
                  interval: int = 2, min_delta_macs: int = 0, tokens: bool = True, verify: bool = True,
-                 on_epoch: Callable[[ShrinkRecord], None] | None = None):
+                 on_epoch: Callable[[ShrinkRecord], None] | None = None, ema_decay: float = 0.0,
+                 bn_recalibration_batches: int = 0):
         super().__init__()
         if rho < 0 or threshold < 0 or interval < 1 or epoch_warmup < epoch_free:
             raise RetiaError(f"shrinking: rho {rho} >= 0, threshold {threshold} >= 0, interval {interval} >= 1 and "
                              f"epoch_warmup {epoch_warmup} >= epoch_free {epoch_free} expected")
+        if not (isinstance(bn_recalibration_batches, int) and bn_recalibration_batches >= 0):
+            raise RetiaError(f"shrinking: bn_recalibration_batches {bn_recalibration_batches!r}: expected an int >= 0")
         self.rho, self.epoch_free, self.epoch_warmup = rho, epoch_free, epoch_warmup
         self.threshold, self.interval, self.min_delta_macs = threshold, interval, min_delta_macs
         self.tokens, self.verify, self.on_epoch = tokens, verify, on_epoch
+        self.ema = WeightEMA(ema_decay) if ema_decay else None
+        self.bn_recalibration_batches, self.recalibrated = bn_recalibration_batches, 0
         self.history: list[ShrinkRecord] = []
         self.penalty: ResourcePenalty | None = None
         self._rho_at: Callable[[int], float] | None = None
@@ -230,6 +418,8 @@ class ProgressiveShrinking(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         net = self._net(pl_module)
+        if self.ema is not None:
+            self.ema.on_fit_start(trainer, pl_module)
         self.penalty = ResourcePenalty(net)
         steps = max(1, int(trainer.num_training_batches)) if trainer.num_training_batches != float("inf") else 1
         self._rho_at = rho_schedule(self.rho, self.epoch_free, self.epoch_warmup, steps)
@@ -244,6 +434,30 @@ class ProgressiveShrinking(pl.Callback):
         if rho > 0:
             self.last_penalty = self.penalty.add_grad(self._net(pl_module), rho, self.threshold)
             pl_module.log("bn_l1", self.last_penalty, prog_bar=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.ema is not None:
+            self.ema.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_start(self, trainer, pl_module):
+        if self.ema is not None:
+            self.ema.on_validation_start(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.ema is not None:
+            self.ema.on_validation_end(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        """The final network: the EMA copy when on; then its BN statistics re-estimated when asked."""
+        if self.ema is not None:
+            self.ema.on_train_end(trainer, pl_module)
+        if self.bn_recalibration_batches:
+            loader = trainer.train_dataloader
+            if loader is None and trainer.datamodule is not None:
+                loader = trainer.datamodule.train_dataloader()
+            if loader is None:
+                raise RetiaError("BN recalibration: the trainer has no training data")
+            self.recalibrated = recalibrate_bn(self._net(pl_module), loader, self.bn_recalibration_batches)
 
     def on_train_epoch_end(self, trainer, pl_module):
         net = self._net(pl_module)
@@ -261,10 +475,20 @@ class ProgressiveShrinking(pl.Callback):
         if self.on_epoch is not None:
             self.on_epoch(record)
 
+    def keep(self, net: hnet.HRNet, final: bool = False) -> hnet.Keep:
+        """The units to keep: |γ| above the threshold in ``net``, or in its EMA when on (at the ``final`` shrink
+        the EMA alone decides: it is the network that remains)."""
+        keep = shrink_keep(net, self.threshold, self.tokens)
+        if self.ema is None or self.ema.ema is None:
+            return keep
+        averaged = shrink_keep(self.ema.ema.net, self.threshold, self.tokens)
+        return averaged if final else union_keep(keep, averaged)
+
     def apply_shrink(self, trainer, pl_module, force: bool = False) -> bool:
-        """Shrink ``pl_module.model`` now; returns whether anything was removed."""
+        """Shrink ``pl_module.model`` (and its EMA) now; returns whether anything was removed. ``force``: the last
+        shrink (done whatever ``min_delta_macs`` says; with the EMA on, the average alone picks the units)."""
         old = self._net(pl_module)
-        keep = shrink_keep(old, self.threshold, self.tokens)
+        keep = self.keep(old, final=force)
         arch = hnet.arch_of_keep(old, keep)
         before, after = hnet.count_macs(old.config, old.arch), hnet.count_macs(old.config, arch)
         if arch == old.arch or (before - after < self.min_delta_macs and not force):
@@ -272,10 +496,9 @@ class ProgressiveShrinking(pl.Callback):
         new = hnet.extract(old, keep)
         for optimizer in trainer.optimizers:
             remap_optimizer(optimizer, old, new, keep)
-        if hasattr(pl_module, "set_model"):  # NNI's LightningModule keeps the model behind a property
-            pl_module.set_model(new)
-        else:
-            pl_module.model = new
+        _set_model(pl_module, new)
+        if self.ema is not None and self.ema.ema is not None:
+            self.ema.ema.shrink(keep)
         if self.verify:
             from ..profile import count_flops
 
@@ -298,12 +521,14 @@ class ProgressiveShrinkingStrategy(Strategy):
     engine). ``_run`` attaches a :class:`ProgressiveShrinking` callback (built from ``callback_kwargs``) to the
     evaluator's trainer, trains ``space.network`` and sets ``space.network`` to the shrunk result. After the run:
     :attr:`callback` (its ``history``), :attr:`arch` (the searched arch dict), :attr:`network`, and
-    :meth:`list_models` / the experiment's ``export_top_models`` give the one searched model.
+    :meth:`list_models` / the experiment's ``export_top_models`` give the one searched model, whose metric is the
+    last epoch's ``monitor`` (default: the first of ``val_top1``, ``val_miou``, ``val_ap`` the module logged).
     """
 
-    def __init__(self, **callback_kwargs: Any):
+    def __init__(self, monitor: str | None = None, **callback_kwargs: Any):
         super().__init__()
         self.callback = ProgressiveShrinking(**callback_kwargs)
+        self.monitor = monitor
         self.arch: dict[str, int] | None = None
         self.network: hnet.HRNet | None = None
         self.final_metric: float | None = None
@@ -332,7 +557,8 @@ class ProgressiveShrinkingStrategy(Strategy):
         space.network = final
         self.network, self.arch = final, dict(final.arch)
         metrics = self.callback.history[-1].metrics if self.callback.history else {}
-        self.final_metric = metrics.get("val_top1")
+        monitor = self.monitor or next((m for m in MONITORS if m in metrics), None)
+        self.final_metric = metrics.get(monitor) if monitor else None
 
     def list_models(self, sort: bool = True, limit: int | None = None) -> Iterator:
         if self.arch is None:

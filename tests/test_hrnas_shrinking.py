@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from retia.errors import RetiaError
 from retia.profile import count_flops
 from retia.spaces import hrnas
 from retia.spaces.hrnas import network as hnet
@@ -201,3 +202,163 @@ def test_default_penalty_drives_scales_to_zero_and_shrinks(tmp_path):
     macs = hrnas.count_macs(cfg, final.arch)
     assert macs < hrnas.count_macs(cfg) and count_flops(final, (1, 3, 16, 16)) == macs
     print(f"channels {supernet_channels} -> {kept_channels}, MACs {hrnas.count_macs(cfg)} -> {macs}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EMA of the weights, BN recalibration
+# ---------------------------------------------------------------------------------------------------------------
+def test_ema_update_is_the_original_formula_by_hand():
+    """shadow <- d*shadow + (1-d)*value, d = min(decay, (1+n)/(10+n)) at the n-th update; parameters and BN running
+    statistics averaged, the BN batch counter not."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([1.0, -2.0]).view(2, 1, 1, 1))
+        net[1].running_mean.copy_(torch.tensor([0.5, 1.0]))
+    ema = hs.ModelEMA(net, decay=0.2)
+    assert ema.net is not net and not any(p.requires_grad for p in ema.net.parameters())
+    # update 1: d = min(0.2, 2/11) = 2/11; update 2: d = min(0.2, 3/12) = 0.2
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([3.0, 0.0]).view(2, 1, 1, 1))
+        net[1].running_mean.copy_(torch.tensor([1.5, -1.0]))
+        net[1].num_batches_tracked.fill_(7)
+    assert ema.update(net) == pytest.approx(2 / 11)
+    d = 2 / 11
+    w1 = [d * 1.0 + (1 - d) * 3.0, d * -2.0 + (1 - d) * 0.0]
+    m1 = [d * 0.5 + (1 - d) * 1.5, d * 1.0 + (1 - d) * -1.0]
+    torch.testing.assert_close(ema.net[0].weight.flatten(), torch.tensor(w1))
+    torch.testing.assert_close(ema.net[1].running_mean, torch.tensor(m1))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([-1.0, 5.0]).view(2, 1, 1, 1))
+    assert ema.update(net) == pytest.approx(0.2)
+    w2 = [0.2 * w1[0] + 0.8 * -1.0, 0.2 * w1[1] + 0.8 * 5.0]
+    torch.testing.assert_close(ema.net[0].weight.flatten(), torch.tensor(w2))
+    torch.testing.assert_close(ema.net[1].running_mean, torch.tensor([0.2 * m1[0] + 0.8 * 1.5, 0.2 * m1[1] - 0.8]))
+    torch.testing.assert_close(ema.net[1].running_var, torch.ones(2))  # both 1 throughout
+    assert int(ema.net[1].num_batches_tracked) == 0 and ema.updates == 2
+    with pytest.raises(RetiaError, match=r"^EMA decay 1\.5: expected a number in \(0, 1\)"):
+        hs.ModelEMA(net, 1.5)
+
+
+def test_ema_is_shrunk_with_the_same_keep_and_keeps_its_values():
+    """A unit dead in the network but alive in its EMA survives (the original ORs the masks); the EMA copy is cut
+    with the same indices: every surviving tensor equals the old EMA tensor indexed by keep, and (removed scales
+    being 0) the smaller EMA computes what the bigger one did. At the last shrink the EMA alone decides."""
+    import copy
+    from types import SimpleNamespace
+
+    cfg = hrnas.preset("tiny")
+    net = _net_with_dead_units(cfg)
+    cb = hs.ProgressiveShrinking(ema_decay=0.5, threshold=1e-3)
+    cb.ema.ema = hs.ModelEMA(net, 0.5)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):  # the live weights move (dead scales stay 0 in both), the EMA follows
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        cb.ema.ema.update(net)
+    bn = net.blocks["s0_fuse0_0"].ops["k3"][1][1]
+    alive = int(torch.nonzero(bn.weight.abs() > 1e-3)[0])
+    with torch.no_grad():
+        bn.weight[alive] = 0.0  # dead now in the network, not in its average
+    keep = cb.keep(net)
+    assert alive in keep["s0_fuse0_0"]["k3"].tolist()
+    assert alive not in hs.shrink_keep(net, 1e-3)["s0_fuse0_0"]["k3"].tolist()
+    final_keep = cb.keep(net, final=True)  # the EMA alone
+    assert {b: {k: v.tolist() for k, v in e.items()} for b, e in final_keep.items()} == \
+        {b: {k: v.tolist() for k, v in e.items()} for b, e in hs.shrink_keep(cb.ema.ema.net, 1e-3).items()}
+
+    old_ema = copy.deepcopy(cb.ema.ema.net)
+    old_state = {k: v.clone() for k, v in old_ema.state_dict().items()}
+    module = SimpleNamespace(model=net)
+    assert cb.apply_shrink(SimpleNamespace(optimizers=[]), module)
+    new_ema = cb.ema.ema.net
+    assert module.model.arch == new_ema.arch == hnet.arch_of_keep(net, keep) != net.arch
+    checked = 0
+    for name, tensor in new_ema.state_dict().items():
+        if name.endswith(("pw_bn.running_mean", ".const")):
+            continue  # where removed channels' constants are folded (exactness checked below)
+        rule = hnet.slice_rule(name, keep)
+        expected = old_state[name] if rule is None else old_state[name].index_select(rule[0], rule[1])
+        assert torch.equal(tensor, expected), name
+        checked += 1
+    assert checked > 100
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(new_ema(x), old_ema.eval()(x), rtol=1e-4, atol=1e-5)
+    cb.ema.ema.update(module.model)  # the shrunk network and its EMA still pair up
+
+
+def test_bn_recalibration_is_the_cumulative_average_of_batch_statistics():
+    """momentum=None semantics by hand: running mean = mean of the batch means, running variance = mean of the
+    unbiased batch variances, each BN seeing the previous layers in training-mode BN (batch statistics) and
+    dropout off; only the first num_batches batches; momentum and train/eval mode restored."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4, momentum=0.1),
+                              torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Conv2d(4, 2, 1),
+                              torch.nn.BatchNorm2d(2, momentum=0.3))
+    with torch.no_grad():
+        for bn in (net[1], net[5]):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.fill_(7.0)
+            bn.running_var.fill_(9.0)
+    net.train()
+    batches = [(torch.randn(5, 3, 6, 6), torch.zeros(5)) for _ in range(4)]
+    expect = {1: ([], []), 5: ([], [])}
+    with torch.no_grad():
+        for x, _ in batches[:3]:
+            h = net[0](x)
+            expect[1][0].append(h.mean((0, 2, 3)))
+            expect[1][1].append(h.var((0, 2, 3), unbiased=True))
+            bn = net[1]
+            h = (h - h.mean((0, 2, 3), keepdim=True)) / torch.sqrt(h.var((0, 2, 3), unbiased=False, keepdim=True)
+                                                                   + bn.eps)
+            h = net[4](torch.relu(h * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)))
+            expect[5][0].append(h.mean((0, 2, 3)))
+            expect[5][1].append(h.var((0, 2, 3), unbiased=True))
+    assert hs.recalibrate_bn(net, batches, 3) == 3
+    for i in (1, 5):
+        torch.testing.assert_close(net[i].running_mean, torch.stack(expect[i][0]).mean(0))
+        torch.testing.assert_close(net[i].running_var, torch.stack(expect[i][1]).mean(0))
+        assert int(net[i].num_batches_tracked) == 3
+    assert (net[1].momentum, net[5].momentum) == (0.1, 0.3) and net.training and net[3].training
+    assert hs.recalibrate_bn(net.eval(), batches[:2], 5) == 2 and not net.training  # fewer batches than asked
+    with pytest.raises(RetiaError, match="BN recalibration batches 0: expected an int >= 1"):
+        hs.recalibrate_bn(net, batches, 0)
+
+
+@pytest.mark.slow
+def test_callback_with_ema_and_bn_recalibration_in_lightning(tmp_path):
+    """Lightning run with the EMA and BN recalibration on: one EMA update per optimizer step, the EMA shrunk with
+    the network, the EMA copy is the final model (trainable again), BN statistics re-estimated on 2 batches."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import pytorch_lightning as pl
+
+    from retia.evaluators.classification import classification_evaluator
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            return DataLoader(TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.arange(16) % 10),
+                              batch_size=8)
+
+        def val_dataloader(self):
+            return self.train_dataloader()
+
+    cfg = hrnas.preset("tiny")
+    net = _net_with_dead_units(cfg)
+    cb = hs.ProgressiveShrinking(rho=1e-3, epoch_warmup=1, threshold=0.05, interval=1, ema_decay=0.99,
+                                 bn_recalibration_batches=2)
+    evaluator = classification_evaluator(Data(), num_classes=10, max_epochs=2, log_dir=tmp_path, callbacks=[cb],
+                                         accelerator="cpu", enable_progress_bar=False, learning_rate=1e-3,
+                                         warmup_epochs=0, mixup=0.0, cutmix=0.0, report_to_nni=False)
+    evaluator.evaluate(net)
+    final = evaluator.module.model
+    assert final is cb.ema.ema.net and cb.ema.ema.updates == 4  # 2 epochs x 2 steps
+    assert cb.history[1].shrunk and final.arch == cb.history[-1].arch != net.arch
+    assert all(p.requires_grad for p in final.parameters())
+    assert cb.recalibrated == 2
+    assert all(int(m.num_batches_tracked) == 2 for m in final.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert count_flops(final, (1, 3, 32, 32)) == hrnas.count_macs(cfg, final.arch)
+    assert "val_top1" in cb.history[-1].metrics
