@@ -1,24 +1,31 @@
-"""AIO-P end to end on the embedded digits: labelled families, a GNN predictor, baselines, predictor-guided search.
+"""AIO-P end to end: labelled families, a GNN predictor, baselines, predictor-guided search, and (``--downstream``)
+a segmentation family as the held-out downstream target.
 
 ``python experiments/aiop_predictor.py`` (no arguments):
 
-1. builds (or resumes) two labelled families in ``<output>/families/<space>-e<epochs>-s<family seed>``: 32
-   AutoFormer-micro subnets and 32 small Zen-NAS nets, each trained 2 epochs on the digits
-   (:mod:`retia.evaluators.aiop.family`);
-2. for each family as the held-out target: trains the GNN predictor on the *other* family, fine-tunes it on 20
-   archs of the target (AIO-P's ``family#20``; 50 epochs, batch 4; the normaliser and the graph-level feature
-   statistics are refitted there) and scores it on the rest (12), for every ``--seeds``; the zero-shot transfer
-   (no fine-tuning) is reported too. The GNN's head also sees log FLOPs and log params (``graph_features``, our
-   extension; ``--no-graph-features`` for AIO-P's head). With one family, the GNN is trained on its 20 archs;
+1. builds (or resumes) two labelled families in ``<output>/families/`` (:mod:`retia.evaluators.aiop.family`): 32
+   AutoFormer-micro subnets and 32 small Zen-NAS nets, each trained 2 epochs on the embedded digits (label: top-1
+   %); ``--downstream`` adds 32 HR-NAS ``tiny`` segmentation nets trained on the embedded synthetic shapes (label:
+   mIoU, a fraction; ~4x the CPU time of a digits family, hence not in the default). Each family uses its own
+   recipe; ``--epochs`` / ``--lr`` override it for all;
+2. for each family as the held-out target: trains the GNN predictor on the *classification* families other than
+   the target (for the segmentation family: AutoFormer + Zen-NAS, AIO-P's downstream-task setting), fine-tunes it
+   on 20 archs of the target (AIO-P's ``family#20``; 50 epochs, batch 4; the normaliser and the graph-level
+   feature statistics are refitted there) and scores it on the rest (12), for every ``--seeds``; the zero-shot
+   transfer (no fine-tuning) is reported too. The GNN's head also sees log FLOPs, log params and log node count
+   (``--graph-features``, our extension; ``--no-graph-features`` for AIO-P's head). A target with no source family
+   trains the GNN on its own 20 archs;
 3. compares with the FLOPs and params baselines measured the same way: a line of the label on log10(FLOPs) /
    log10(params) fitted on the same 20 target archs, scored on the same held-out rest (SRCC / Kendall are those of
    FLOPs / params themselves, up to sign);
 4. runs a predictor-guided regularized evolution (NNI, retia's ``ConstrainedEvolution``) over the held-out archs
-   with half of them as the trial budget, and reports the true rank and gap of what it picks.
+   with half of them as the trial budget, and reports the true rank and gap of what it picks;
+5. with ``--noise-ceiling K``: retrains the first K archs of every family with a second training seed and reports
+   the test-retest SRCC between the two label sets (how far the labels themselves can be trusted).
 
-Outputs in ``--output``: ``results.json`` (settings, families, metrics, searches), ``results.csv`` (one row per
-target family and predictor), ``predictions.csv``, ``scatter.png`` (predicted vs true top-1 per target family),
-``run.json`` (timing) and ``families/``.
+Outputs in ``--output``: ``results.json`` (settings, families, metrics, searches, ceilings), ``results.csv`` (one
+row per target family and predictor), ``predictions.csv``, ``scatter.png`` (predicted vs true label per target
+family), ``run.json`` (timing) and ``families/``.
 """
 from __future__ import annotations
 
@@ -34,18 +41,28 @@ import numpy as np
 
 from retia.cli import add_threads_arg, positive_int, quiet, run_main, set_threads
 from retia.errors import RetiaError
-from retia.evaluators.aiop.family import SPACES, TrainSettings, build_family, load_family
+from retia.evaluators.aiop.family import (SPACES, build_family, default_family_file, family_metric, get_space,
+                                          load_family, noise_ceiling, settings_from_args)
 from retia.results import RunDir
 
 METRICS = ("srcc", "kendall", "mae", "mape")
+DEFAULT_FAMILIES = "autoformer,zennas"
+DOWNSTREAM = "hrnas-seg"
+DEFAULT_GRAPH_FEATURES = "flops,params,nodes"
+METRIC_TEXT = {"top1": "top-1 (%)", "miou": "mIoU"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--families", default="autoformer,zennas",
+    p.add_argument("--families", default=DEFAULT_FAMILIES,
                    help=f"comma-separated family spaces ({', '.join(SPACES)}; default: %(default)s)")
+    p.add_argument("--downstream", action="store_true",
+                   help=f"add the downstream family {DOWNSTREAM!r} (HR-NAS segmentation on synthetic shapes) as a "
+                        "held-out target of the GNN trained on the classification families")
     p.add_argument("--n", type=positive_int, default=32, help="archs per family (default: %(default)s)")
-    p.add_argument("--epochs", type=positive_int, default=2, help="training epochs per arch (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="training epochs per arch for every family (default: each family's recipe)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate for every family (default: recipe)")
     p.add_argument("--family-file", action="append", default=[], metavar="SPACE=PATH",
                    help="reuse an existing family file for SPACE (repeatable)")
     p.add_argument("--finetune", type=int, default=20, help="target archs to fine-tune on (default: %(default)s)")
@@ -57,9 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-batch", type=positive_int, default=4, help="fine-tuning batch size (AIO-P: 1)")
     p.add_argument("--finetune-val", type=float, default=0.0,
                    help="fraction of the fine-tuning archs held back to early-stop fine-tuning (default: off)")
+    p.add_argument("--graph-features", default=DEFAULT_GRAPH_FEATURES,
+                   help="graph-level inputs of the GNN head, comma-separated from flops, params, nodes (log10 of "
+                        "each; default: %(default)s)")
     p.add_argument("--no-graph-features", action="store_true",
-                   help="GNN head without the graph-level log FLOPs / log params inputs (AIO-P's original head)")
+                   help="GNN head without graph-level inputs (AIO-P's original head)")
     p.add_argument("--norm", default="stand_flops", choices=("none", "stand", "stand_flops"))
+    p.add_argument("--noise-ceiling", type=positive_int, default=None, metavar="K",
+                   help="retrain the first K archs of every family with a second training seed and report the SRCC "
+                        "between the two label sets (default: off)")
     p.add_argument("--output", default="runs/aiop-predictor", help="run directory (default: %(default)s)")
     p.add_argument("--no-search", action="store_true", help="skip the predictor-guided search")
     p.add_argument("--no-progress", action="store_true")
@@ -85,19 +108,21 @@ def _summary(rows: list[dict]) -> dict[str, float]:
     return {**mean, **std, "n": rows[0]["n"], "seeds": len(rows)}
 
 
-def evaluate_target(target: str, families: dict[str, tuple[list, np.ndarray]], args) -> dict[str, Any]:
-    """Every predictor on one held-out family (see the module docstring)."""
+def evaluate_target(target: str, families: dict[str, tuple[list, np.ndarray]], args,
+                    metric: str = "top1") -> dict[str, Any]:
+    """Every predictor on one held-out family (see the module docstring); ``metric`` names its labels."""
     from retia.evaluators.aiop.predictor import FlopsPredictor, GNNPredictor, ParamsPredictor, split_family
 
     graphs, labels = families[target]
     ft_idx, test_idx = split_family(graphs, args.finetune, seed=args.split_seed)
     g_ft, y_ft = [graphs[i] for i in ft_idx], labels[ft_idx]
     g_te, y_te = [graphs[i] for i in test_idx], labels[test_idx]
-    sources = [s for s in families if s != target]
+    sources = [s for s in families if s != target and get_space(s).task == "classification"]
     g_src = [g for s in sources for g in families[s][0]]
     y_src = np.concatenate([families[s][1] for s in sources]) if sources else None
+    features = False if args.no_graph_features else [f.strip() for f in args.graph_features.split(",") if f.strip()]
     make = lambda seed: GNNPredictor(norm=args.norm, epochs=args.predictor_epochs, seed=seed,  # noqa: E731
-                                     graph_features=not args.no_graph_features)
+                                     graph_features=features)
     runs: dict[str, list[dict]] = {"gnn": [], "gnn_zero_shot": []}
     preds: dict[str, np.ndarray] = {}
     first = None
@@ -121,7 +146,8 @@ def evaluate_target(target: str, families: dict[str, tuple[list, np.ndarray]], a
         p = cls().fit(g_ft, y_ft)
         preds[name] = p.predict(g_te)
         results[name] = {**p.score(g_te, y_te), "seeds": 1}
-    out: dict[str, Any] = {"target": target, "sources": sources, "finetune": len(ft_idx), "test": len(test_idx),
+    out: dict[str, Any] = {"target": target, "metric": metric, "sources": sources, "finetune": len(ft_idx),
+                           "test": len(test_idx),
                            "metrics": results, "per_seed": runs,
                            "predictions": [{"name": g.name, "true": float(t), **{k: float(v[i]) for k, v in preds.items()}}
                                            for i, (g, t) in enumerate(zip(g_te, y_te))]}
@@ -142,14 +168,16 @@ def scatter(results: list[dict], path: Path) -> Path:
     for ax, res in zip(axes[0], results):
         rows = res["predictions"]
         true = [r["true"] for r in rows]
+        metric = res.get("metric", "top1")
         for key, color in (("gnn", "C0"), ("flops", "C1"), ("params", "C2")):
             m = res["metrics"][key]
             ax.scatter(true, [r[key] for r in rows], s=18, alpha=0.75, color=color,
-                       label=f"{key}: SRCC {m['srcc']:.2f}, MAE {m['mae']:.1f}")
+                       label=f"{key}: SRCC {m['srcc']:.2f}, MAE {m['mae']:.3g}")
         lo, hi = min(true), max(true)
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        ax.set_xlabel("true top-1 (%)")
-        ax.set_ylabel("predicted top-1 (%)")
+        text = METRIC_TEXT.get(metric, metric)
+        ax.set_xlabel(f"true {text}")
+        ax.set_ylabel(f"predicted {text}")
         src = "+".join(res["sources"]) or "own 20"
         ax.set_title(f"{res['target']} (train: {src}, test {res['test']})", fontsize=9)
         ax.grid(alpha=0.3)
@@ -178,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("nni").setLevel(logging.WARNING)
     set_threads(args.threads)
     spaces = [s.strip() for s in args.families.split(",") if s.strip()]
+    if args.downstream and DOWNSTREAM not in spaces:
+        spaces.append(DOWNSTREAM)
     bad = [s for s in spaces if s not in SPACES]
     if not spaces or bad or len(set(spaces)) != len(spaces):
         raise RetiaError(f"--families {args.families!r}: expected distinct names from {', '.join(SPACES)}")
@@ -187,59 +217,80 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     run = RunDir(args.output)
     families: dict[str, tuple[list, np.ndarray]] = {}
-    family_info = {}
+    family_info, metrics = {}, {}
     for i, space in enumerate(spaces):
         t0 = time.perf_counter()
         if space in reuse:
             path = reuse[space]
-            families[space] = load_family(path)
         else:
-            # the file names the settings, so another --epochs / --family-seed never meets an incompatible journal
-            path = run.path / "families" / f"{space}-e{args.epochs}-s{args.family_seed}.safetensors"
-            print(f"[{i + 1}/{len(spaces) + 1}] {space} family: {args.n} archs, {args.epochs} epochs each",
+            # the file names the settings, so other settings never meet an incompatible journal
+            settings = settings_from_args(space, args, seed=args.family_seed)
+            path = default_family_file(run.path / "families", space, settings, args.family_seed)
+            print(f"[{i + 1}/{len(spaces) + 1}] {space} family: {args.n} archs, {settings.epochs} epochs each",
                   flush=True)
-            build_family(space, args.n, path, TrainSettings(epochs=args.epochs, seed=args.family_seed),
-                         seed=args.family_seed, progress=not args.no_progress)
-            families[space] = load_family(path)
+            build_family(space, args.n, path, settings, seed=args.family_seed, progress=not args.no_progress)
+        families[space] = load_family(path)
+        metrics[space] = family_metric(path)
         graphs, labels = families[space]
         if len(graphs) <= args.finetune + 1:
             raise RetiaError(f"--finetune {args.finetune}: family {space!r} has {len(graphs)} archs, expected more "
                              f"than {args.finetune + 1} (raise --n or lower --finetune)")
-        family_info[space] = {"file": str(path), "archs": len(graphs), "top1_min": float(labels.min()),
-                              "top1_max": float(labels.max()), "top1_mean": float(labels.mean()),
+        family_info[space] = {"file": str(path), "archs": len(graphs), "metric": metrics[space],
+                              "min": float(labels.min()), "max": float(labels.max()), "mean": float(labels.mean()),
                               "seconds": round(time.perf_counter() - t0, 1),
                               "train_seconds": round(sum(g.meta.get("seconds", 0.0) for g in graphs), 1)}
+    ceilings = {}
+    if args.noise_ceiling is not None:
+        t0 = time.perf_counter()
+        for space in spaces:
+            k = min(args.noise_ceiling, len(families[space][0]))
+            print(f"noise ceiling: {space}, {k} archs retrained with a second seed", flush=True)
+            report = noise_ceiling(family_info[space]["file"], k, progress=not args.no_progress)
+            ceilings[space] = {key: report[key] for key in ("srcc", "kendall", "mae", "ceiling", "k", "seed_offset",
+                                                            "seconds")}
+        ceiling_seconds = round(time.perf_counter() - t0, 1)
     print(f"[{len(spaces) + 1}/{len(spaces) + 1}] predictors: seeds {args.seeds}, fine-tune on {args.finetune}",
           flush=True)
     t0 = time.perf_counter()
-    results = [evaluate_target(t, families, args) for t in spaces]
+    results = [evaluate_target(t, families, args, metrics[t]) for t in spaces]
     predictor_seconds = round(time.perf_counter() - t0, 1)
     print(_table(results))
+    for space, c in ceilings.items():
+        print(f"{space}: label-noise ceiling: test-retest SRCC {c['srcc']:.3f}, Kendall tau {c['kendall']:.3f} "
+              f"({c['k']} archs retrained with a second seed; predictor ceiling ~ sqrt = {c['ceiling']:.2f})")
     for res in results:
         for name, s in res.get("search", {}).items():
+            m = res["metric"]
             print(f"{res['target']}: {name}-guided evolution ({s['trials']} of {s['pool']} held-out archs): found "
-                  f"true rank {s['found']['rank']}/{s['pool']}, top-1 {s['found']['true']:.1f} % vs best "
-                  f"{s['best']['true']:.1f} % (gap {s['gap']:.1f}); random pick: mean rank {s['random_pick_rank']:.1f}")
+                  f"true rank {s['found']['rank']}/{s['pool']}, {m} {s['found']['true']:.3g} vs best "
+                  f"{s['best']['true']:.3g} (gap {s['gap']:.3g}); random pick: mean rank {s['random_pick_rank']:.1f}")
     summary = {"settings": vars(args), "families": family_info,
                "results": [{k: v for k, v in r.items() if k != "predictions"} for r in results]}
+    if ceilings:
+        summary["noise_ceiling"] = ceilings
     run.write_json("results.json", summary)
     with (run.path / "results.csv").open("w", newline="") as f:
-        fields = ["target", "sources", "predictor", *METRICS, *(f"{k}_std" for k in METRICS), "n", "seeds"]
+        fields = ["target", "metric", "sources", "predictor", *METRICS, *(f"{k}_std" for k in METRICS), "n",
+                  "seeds"]
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for r in results:
             for name, m in r["metrics"].items():
-                writer.writerow({"target": r["target"], "sources": "+".join(r["sources"]), "predictor": name, **m})
+                writer.writerow({"target": r["target"], "metric": r["metric"], "sources": "+".join(r["sources"]),
+                                 "predictor": name, **m})
     with (run.path / "predictions.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["target", "name", "true", "gnn", "flops", "params"])
+        writer = csv.DictWriter(f, fieldnames=["target", "metric", "name", "true", "gnn", "flops", "params"])
         writer.writeheader()
         for r in results:
             for row in r["predictions"]:
-                writer.writerow({"target": r["target"], **row})
+                writer.writerow({"target": r["target"], "metric": r["metric"], **row})
     scatter(results, run.path / "scatter.png")
     total = round(time.perf_counter() - start, 1)
-    run.write_json("run.json", {"seconds": total, "predictor_seconds": predictor_seconds,
-                                "family_seconds": {k: v["seconds"] for k, v in family_info.items()}})
+    timing = {"seconds": total, "predictor_seconds": predictor_seconds,
+              "family_seconds": {k: v["seconds"] for k, v in family_info.items()}}
+    if ceilings:
+        timing["noise_ceiling_seconds"] = ceiling_seconds
+    run.write_json("run.json", timing)
     print(f"wrote {run.path}/results.json, results.csv, predictions.csv, scatter.png ({total:.0f} s)")
     return summary
 

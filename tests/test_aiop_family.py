@@ -161,3 +161,144 @@ def test_graph_of_an_arch_matches_its_space():
 
     assert g.input_shape == (1, 3, 16, 16) and g.meta["arch"] == s
     assert g.params == sum(p.numel() for p in zennas.build(s, num_classes=10).parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# task-generic families: the HR-NAS segmentation family, old files, the label-noise ceiling
+# ---------------------------------------------------------------------------------------------------------------
+SEG_FAST = TrainSettings(epochs=1, batch_size=8, lr=1e-2, weight_decay=0.01)
+
+
+@pytest.fixture(scope="module")
+def seg_family(tmp_path_factory):
+    """A 3-arch HR-NAS segmentation family on tiny shapes data (16 train / 8 val images), trained models kept."""
+    import dataclasses
+
+    from retia.evaluators.aiop.family import SPACES
+
+    space = dataclasses.replace(SPACES["hrnas-seg"], data_args={"num_train": 16, "num_val": 8})
+    path = tmp_path_factory.mktemp("seg") / "seg.safetensors"
+    models = {}
+    graphs = build_family(space, 3, path, SEG_FAST, progress=False,
+                          on_arch=lambda g, m: models.__setitem__(g.name, m))
+    return space, path, graphs, models
+
+
+def test_segmentation_family_labels_are_the_projects_miou(seg_family):
+    from retia.data.segmentation import synthetic_shapes
+    from retia.evaluators.aiop.family import evaluate_segmentation, family_metric, hrnas_seg_config, shapes_split
+    from retia.evaluators.segmentation import confusion_matrix, scores_from_confusion
+    from retia.spaces import hrnas
+
+    space, path, graphs, models = seg_family
+    loaded, labels = load_family(path)  # the metric comes from the file
+    assert family_metric(path) == "miou" and labels.tolist() == [g.meta["miou"] for g in graphs]
+    data = shapes_split(32, 16, 8)
+    x_val, y_val = synthetic_shapes(8, 32, 1_000_003)  # the validation split: another seed than training
+    assert torch.equal(data[2], x_val) and torch.equal(data[3], y_val)
+    assert torch.equal(data[0], synthetic_shapes(16, 32, 0)[0])
+    cfg = hrnas_seg_config()
+    for g in loaded:
+        model = models[g.name]
+        assert 0.0 <= g.meta["miou"] <= 1.0 and 0.0 <= g.meta["pixel_acc"] <= 1.0
+        # recompute from the trained model's predictions: upsample logits, argmax, confusion matrix, IoU
+        with torch.no_grad():
+            logits = torch.nn.functional.interpolate(model(x_val), size=(32, 32), mode="bilinear",
+                                                     align_corners=False)
+        cm = confusion_matrix(logits.argmax(1), y_val, 4)
+        iou = [cm[c, c].item() / (cm[c, :].sum() + cm[:, c].sum() - cm[c, c]).item()
+               for c in range(4) if (cm[c, :].sum() + cm[:, c].sum()).item() > 0]
+        assert g.meta["miou"] == pytest.approx(np.mean(iou), abs=1e-9)
+        assert g.meta["miou"] == pytest.approx(float(scores_from_confusion(cm)["miou"]), abs=1e-12)
+        assert evaluate_segmentation(model, data)["miou"] == pytest.approx(g.meta["miou"], abs=1e-12)
+        # the graph is the space's network at 32x32: FLOPs = HR-NAS's closed-form MACs
+        assert g.input_shape == (1, 3, 32, 32) and g.meta["space"] == "hrnas-seg"
+        assert g.flops == hrnas.count_macs(cfg, g.meta["arch"])
+        assert g.params == sum(p.numel() for p in model.parameters())
+    header = json.loads(journal_path(path).read_text().splitlines()[0])["header"]
+    assert header["task"] == "segmentation" and header["metric"] == "miou" and header["data"] == space.data_args
+    # retraining with the stored seed gives the stored label
+    g = loaded[2]
+    _, again = label_arch(space, g.meta["arch"], TrainSettings(**{**header["train"], "seed": g.meta["train_seed"]}))
+    assert again["miou"] == pytest.approx(g.meta["miou"])
+
+
+def test_segmentation_class_weights_formula():
+    from retia.evaluators.aiop.family import segmentation_class_weights
+
+    labels = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1, 2, 255]])  # 6 / 2 / 1 / 0 pixels, one ignored
+    raw = np.sqrt([9 / 6, 9 / 2, 9 / 1, 9 / 1])  # the absent class gets the largest weight of the others
+    assert segmentation_class_weights(labels, 4).tolist() == pytest.approx((raw / raw.mean()).tolist())
+
+
+def test_hrnas_sampling_spans_sizes_within_the_space():
+    from retia.evaluators.aiop.family import hrnas_seg_config
+    from retia.spaces import hrnas
+
+    cfg = hrnas_seg_config()
+    archs = sample_archs("hrnas-seg", 40, seed=0)
+    assert archs[:10] == sample_archs("hrnas-seg", 10, seed=0)
+    macs = [hrnas.count_macs(cfg, a) for a in archs]  # check_arch inside: every value within arch_choices
+    assert max(macs) > 5 * min(macs) and max(macs) <= hrnas.count_macs(cfg)
+    assert any(v == 0 for a in archs for k, v in a.items() if not k.endswith(".tokens"))
+
+
+def test_classification_header_unchanged_and_old_family_files_load(tmp_path):
+    """Files written before tasks existed (no 'metric' anywhere) load as top-1 and their journals resume."""
+    from retia.evaluators.aiop.family import family_header, family_metric
+    from retia.evaluators.aiop.graph import save_graphs
+
+    old_header = {"format": "retia.aiop.family/1", "resolution": 16, "seed": 0, "space": "zennas",
+                  "train": {"batch_size": 256, "epochs": 1, "lr": 0.002, "min_lr": 1e-05, "seed": 0, "warmup": 0.1,
+                            "weight_decay": 0.05}}
+    assert family_header("zennas", FAST) == old_header
+    arch = sample_archs("zennas", 1)[0]
+    labels = {"seconds": 1.0, "top1": 42.5, "top5": 90.0, "train_seed": 0}
+    path = tmp_path / "old.safetensors"
+    save_graphs([arch_graph("zennas", arch, "zennas-000-x", labels)], path, meta={"family": old_header})
+    assert family_metric(path) == "top1" and load_family(path)[1].tolist() == [42.5]
+    journal_path(path).write_text(json.dumps({"header": old_header}) + "\n"
+                                  + json.dumps({"name": "zennas-000-x", "arch": arch, "labels": labels}) + "\n")
+    trained = []
+    graphs = build_family("zennas", 1, path, FAST, progress=False, on_arch=lambda g, m: trained.append(g))
+    assert not trained and graphs[0].meta["top1"] == 42.5
+    assert load_family(path)[1].tolist() == [42.5] and family_metric(path) == "top1"
+
+
+def test_noise_ceiling_is_spearman_of_two_trainings(seg_family):
+    stats = pytest.importorskip("scipy.stats")
+    from retia.evaluators.aiop.family import noise_ceiling
+
+    space, path, graphs, _ = seg_family
+    report = noise_ceiling(path, k=3, seed_offset=7, progress=False)
+    assert report["first"] == [g.meta["miou"] for g in graphs]
+    assert report["srcc"] == pytest.approx(stats.spearmanr(report["first"], report["second"]).statistic, abs=1e-12)
+    assert report["kendall"] == pytest.approx(stats.kendalltau(report["first"], report["second"]).statistic,
+                                              abs=1e-12)
+    # the second label is that arch trained with its seed + offset on the family's own data
+    g = graphs[0]
+    _, again = label_arch(space, g.meta["arch"], TrainSettings(**{**json.loads(
+        journal_path(path).read_text().splitlines()[0])["header"]["train"], "seed": g.meta["train_seed"] + 7}))
+    assert report["second"][0] == pytest.approx(again["miou"])
+    saved = json.loads(path.with_name("seg.noise-o7.json").read_text())
+    assert saved["srcc"] == report["srcc"]
+    assert noise_ceiling(path, k=3, seed_offset=7, progress=False)["second"] == report["second"]  # from its journal
+
+
+def test_task_bad_input_is_one_line(seg_family, tmp_path):
+    from retia.evaluators.aiop.family import noise_ceiling
+
+    _, path, _, _ = seg_family
+    cases = [
+        (lambda: noise_ceiling(path, k=1), "noise ceiling k=1: expected an int in \\[2, 3\\]"),
+        (lambda: noise_ceiling(path, k=4), "k=4"),
+        (lambda: noise_ceiling(path, k=2, seed_offset=0), "seed offset 0"),
+        (lambda: noise_ceiling(tmp_path / "none.safetensors"), "does not exist"),
+        (lambda: sample_archs("hrnas-seg", 1.5), "family size 1.5"),
+        (lambda: main(["--space", "zennas", "--n", "3", "-o", str(tmp_path / "z.safetensors"),
+                       "--noise-ceiling", "4"]), "--noise-ceiling 4: expected 2..3"),
+    ]
+    for fn, message in cases:
+        with pytest.raises(RetiaError, match=message) as info:
+            fn()
+        assert "\n" not in str(info.value)

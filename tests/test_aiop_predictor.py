@@ -196,3 +196,23 @@ def test_fine_tune_early_stopping_inside_the_fine_tuning_set(family):
     assert ft.norm.mean == pytest.approx(y[60:80].mean())  # the returned copy is tuned on all 20
     with pytest.raises(RetiaError, match="val_fraction 0.99 of 20"):
         p.fine_tune(graphs[60:80], y[60:80], epochs=2, val_fraction=0.99)
+
+
+def test_node_count_graph_feature(family, tmp_path):
+    """graph_features=("flops", "params", "nodes"): a target made only of the node count (which mean pooling cannot
+    see) is learnt; the statistics include log10(nodes) of the fitted graphs; the names survive save/load."""
+    graphs, _ = family
+    ln = np.log10([g.num_nodes for g in graphs])
+    y = 3 * ln
+    p = GNNPredictor(epochs=30, layers=2, lr=3e-3, batch_size=16, seed=0,
+                     graph_features=("flops", "params", "nodes")).fit(graphs[:90], y[:90])
+    assert p.score(graphs[90:], y[90:])["srcc"] > 0.9
+    assert p.glob_mean[2] == pytest.approx(ln[:90].mean()) and p.glob_std[2] == pytest.approx(ln[:90].std())
+    assert p.model.post[0].in_features == 32 + 3
+    r = load_predictor(p.save(tmp_path / "n.safetensors"))
+    assert r.hparams["graph_features"] == ["flops", "params", "nodes"]
+    assert np.array_equal(r.predict(graphs[100:]), p.predict(graphs[100:]))
+    assert GNNPredictor(graph_features=True).global_names == ("flops", "params")
+    with pytest.raises(RetiaError, match="graph_features \\['depth'\\]: expected") as info:
+        GNNPredictor(graph_features=["depth"])
+    assert "\n" not in str(info.value)

@@ -1,4 +1,5 @@
 """AIO-P predictor as an NNI evaluator, predictor-guided search, and experiments/aiop_predictor.py."""
+import dataclasses
 import json
 
 import nni
@@ -121,30 +122,44 @@ def test_bad_pool_input(pool):
 
 @pytest.mark.slow
 def test_experiment_end_to_end(tmp_path, capsys):
+    from retia.evaluators.aiop.family import SPACES, default_family_file
     from retia.experiments.aiop_predictor import main
 
     out = tmp_path / "run"
-    args = ["--n", "5", "--epochs", "1", "--finetune", "3", "--seeds", "0", "1", "--predictor-epochs", "3",
-            "--finetune-epochs", "2", "--output", str(out), "--no-progress"]
+    args = ["--downstream", "--n", "5", "--epochs", "1", "--finetune", "3", "--seeds", "0", "1",
+            "--predictor-epochs", "3", "--finetune-epochs", "2", "--noise-ceiling", "2", "--output", str(out),
+            "--no-progress"]
     summary = main(args)
     text = capsys.readouterr().out
-    assert "autoformer" in text and "zennas" in text and "SRCC" in text
+    assert "autoformer" in text and "zennas" in text and "hrnas-seg" in text and "SRCC" in text
+    assert "label-noise ceiling" in text
+    seg_file = default_family_file(out / "families", "hrnas-seg",
+                                   dataclasses.replace(SPACES["hrnas-seg"].settings, epochs=1))
+    assert seg_file.name == "hrnas-seg-e1-s0.safetensors"
     for name in ("results.json", "results.csv", "predictions.csv", "scatter.png", "run.json",
-                 "families/autoformer-e1-s0.safetensors", "families/zennas-e1-s0.safetensors"):
+                 "families/autoformer-e1-s0.safetensors", "families/zennas-e1-s0.safetensors",
+                 "families/hrnas-seg-e1-s0.safetensors", "families/hrnas-seg-e1-s0.noise-o1000.json"):
         assert (out / name).is_file(), name
-    results = json.loads((out / "results.json").read_text())["results"]
-    assert [r["target"] for r in results] == ["autoformer", "zennas"]
+    saved = json.loads((out / "results.json").read_text())
+    results = saved["results"]
+    assert [r["target"] for r in results] == ["autoformer", "zennas", "hrnas-seg"]
+    # classification targets are predicted from the other classification family, the downstream family from both
+    expected_sources = {"autoformer": ["zennas"], "zennas": ["autoformer"], "hrnas-seg": ["autoformer", "zennas"]}
     for r in results:
-        assert r["sources"] == [t for t in ("autoformer", "zennas") if t != r["target"]] and r["test"] == 2
+        assert r["sources"] == expected_sources[r["target"]] and r["test"] == 2
+        assert r["metric"] == ("miou" if r["target"] == "hrnas-seg" else "top1")
         assert set(r["metrics"]) == {"gnn", "gnn_zero_shot", "flops", "params"}
         assert r["metrics"]["gnn"]["seeds"] == 2 and len(r["per_seed"]["gnn"]) == 2
         assert r["search"]["gnn"]["found"]["rank"] in (1, 2)
-    assert len((out / "results.csv").read_text().splitlines()) == 1 + 2 * 4
+    assert saved["families"]["hrnas-seg"]["metric"] == "miou" and 0 <= saved["families"]["hrnas-seg"]["max"] <= 1
+    assert set(saved["noise_ceiling"]) == {"autoformer", "zennas", "hrnas-seg"}
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 3 * 4
     # reusing the families trains nothing and gives the same families
     reuse = ["--family-file", f"autoformer={out}/families/autoformer-e1-s0.safetensors", "--family-file",
-             f"zennas={out}/families/zennas-e1-s0.safetensors"]
-    again = main(args[:-3] + ["--output", str(tmp_path / "again"), "--no-progress"] + reuse)
-    assert again["families"]["zennas"]["top1_mean"] == summary["families"]["zennas"]["top1_mean"]
+             f"zennas={out}/families/zennas-e1-s0.safetensors", "--family-file", f"hrnas-seg={seg_file}"]
+    again = main(args[:-5] + ["--output", str(tmp_path / "again"), "--no-progress"] + reuse)
+    for space in ("zennas", "hrnas-seg"):
+        assert again["families"][space]["mean"] == summary["families"][space]["mean"]
     assert not (tmp_path / "again" / "families").exists()
 
 

@@ -1,26 +1,38 @@
-"""Labelled architecture families (AIO-P's ground truth): sample N archs of a retia space, train each briefly on
-the embedded digits and store arch, graph, validation top-1, FLOPs and params in one graph file.
+"""Labelled architecture families (AIO-P's ground truth): sample N archs of a retia space, train each briefly on a
+task and store arch, graph, the task's metric, FLOPs and params in one graph file.
 
 AIO-P's test families are individually trained architectures (``run_train_cgs_on_task.py``); here they are
-trained on scikit-learn's digits so that a family of ~40 tiny nets takes minutes on one CPU thread:
+trained on small embedded data sets so that a family of ~32 tiny nets takes minutes on one CPU thread. A family
+space (:class:`FamilySpace`) has a task (:class:`FamilyTask`: data, loss, evaluation, metric name):
 
-- ``autoformer``: subnets of the AutoFormer ``micro`` preset (32² input, 8×8 patches), uniformly sampled labels;
-- ``zennas``: Zen-NAS ``XXBL`` networks from ``random_structure`` with every width halved (8..64 channels) and a
-  16² input (the 8×8 digits upsampled), so a net trains in seconds.
+- ``autoformer`` (classification, ``top1``): subnets of the AutoFormer ``micro`` preset (32² input, 8×8 patches),
+  uniformly sampled labels;
+- ``zennas`` (classification, ``top1``): Zen-NAS ``XXBL`` networks from ``random_structure`` with every width
+  halved (8..64 channels) and a 16² input (the 8×8 digits upsampled), so a net trains in seconds;
+- ``hrnas-seg`` (segmentation, ``miou``): HR-NAS ``tiny`` with the segmentation head (4 classes, 32² input),
+  channels per kernel branch and tokens per transformer drawn around a per-arch keep ratio
+  (:func:`hrnas_seg_sample`), trained on a fixed split of the embedded synthetic shapes
+  (:func:`retia.data.segmentation.synthetic_shapes`).
 
-Training reuses :func:`retia.evaluators.classification.warmup_cosine` (AdamW, no decay on biases / norms / tokens,
-linear warmup then cosine per step) on in-memory tensors of the fixed digits split of
-:class:`retia.data.DigitsDataModule`; the label is top-1 in % on its 359 validation digits
-(:func:`retia.evaluators.weight_sharing.accuracy`). Everything is seeded, so a label can be reproduced.
+Classification trains on in-memory tensors of the fixed digits split of :class:`retia.data.DigitsDataModule`;
+the label is top-1 in % on its 359 validation digits (:func:`retia.evaluators.weight_sharing.accuracy`).
+Segmentation trains with cross-entropy on logits upsampled to the label size; the label is validation mIoU as a
+fraction (:class:`retia.evaluators.segmentation.SegmentationMetrics`, the project's confusion-matrix mIoU). Both
+use AdamW with :func:`retia.evaluators.classification.warmup_cosine` (no decay on biases / norms / tokens, linear
+warmup then cosine per step). Everything is seeded (arch i of a family trains with seed ``settings.seed + i``),
+so a label can be reproduced; :func:`noise_ceiling` retrains archs with another seed to measure how reproducible
+the labels are.
 
 Files: ``family.safetensors`` + ``family.json`` (:func:`retia.evaluators.aiop.save_graphs`; each graph's ``meta``
-holds ``space``, ``arch``, ``top1``, ``top5``, ``seconds``) and ``family.labels.jsonl``, a journal appended and
-flushed after every arch. The journal is the source of truth: a killed run keeps every finished arch, and the
-same command continues where it stopped (graphs are rebuilt from the journal's archs, labels are not re-trained).
+holds ``space``, ``arch``, the labels and ``seconds``; the file's meta holds the family header and ``metric``)
+and ``family.labels.jsonl``, a journal appended and flushed after every arch. The journal is the source of truth:
+a killed run keeps every finished arch, and the same command continues where it stopped (graphs are rebuilt from
+the journal's archs, labels are not re-trained).
 
 Command::
 
-    python -m retia.evaluators.aiop.family --space autoformer --n 40 --epochs 3 -o family.safetensors
+    python -m retia.evaluators.aiop.family --space autoformer --n 40 -o family.safetensors
+    python -m retia.evaluators.aiop.family --space hrnas-seg --n 32 -o seg.safetensors --noise-ceiling 16
     python -m retia.evaluators.aiop.family --space autoformer --n 40 -o family.safetensors --shared-head
 """
 from __future__ import annotations
@@ -30,6 +42,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -46,11 +59,149 @@ from retia.errors import RetiaError
 
 from .graph import CompGraph, build_graph, load_graphs, save_graphs
 
-__all__ = ["SPACES", "TrainSettings", "FamilySpace", "get_space", "sample_archs", "digits_split", "train_model",
-           "label_arch", "arch_graph", "build_family", "load_family", "family_labels", "journal_path", "main"]
+__all__ = ["SPACES", "TASKS", "TrainSettings", "FamilyTask", "FamilySpace", "get_space", "sample_archs",
+           "digits_split", "shapes_split", "train_model", "evaluate_model", "evaluate_segmentation", "label_arch",
+           "arch_graph", "hrnas_seg_sample", "build_family", "load_family", "family_labels", "family_metric",
+           "family_header", "noise_ceiling", "default_family_file", "journal_path", "main"]
 
 FAMILY_FORMAT = "retia.aiop.family/1"
 NUM_CLASSES = 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training settings
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainSettings:
+    """Brief training of one arch: AdamW, ``warmup`` (a fraction of the steps) then cosine down to ``min_lr``."""
+
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.1
+    min_lr: float = 1e-5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise RetiaError(f"epochs {self.epochs!r}: expected a positive integer")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise RetiaError(f"batch size {self.batch_size!r}: expected a positive integer")
+        if not self.lr > 0 or not 0 <= self.warmup < 1 or self.weight_decay < 0:
+            raise RetiaError(f"lr={self.lr!r}, warmup={self.warmup!r}, weight_decay={self.weight_decay!r}: "
+                             "expected lr > 0, 0 <= warmup < 1, weight_decay >= 0")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tasks: data, loss, evaluation, metric
+# ---------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def digits_split(image_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_val, y_val)``: the embedded digits at ``image_size``², split as
+    :class:`retia.data.DigitsDataModule` splits them (seed 0, 20 % validation)."""
+    from retia.data.digits import digits_tensors, split_indices
+
+    images, labels = digits_tensors(image_size)
+    train, val = split_indices(len(labels), 0.2, 0)
+    return images[train], labels[train], images[val], labels[val]
+
+
+SHAPES_VAL_SEED = 1_000_003  # as SyntheticShapesDataModule: validation images from another seed than training
+
+
+@functools.lru_cache(maxsize=4)
+def shapes_split(image_size: int, num_train: int = 160, num_val: int = 96, seed: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_val, y_val)``: a fixed split of the embedded synthetic shapes
+    (:func:`retia.data.segmentation.synthetic_shapes`; 4 classes, label maps ``(N, S, S)``), training images from
+    ``seed`` and validation images from ``seed + 1_000_003`` as :class:`retia.data.SyntheticShapesDataModule`."""
+    from retia.data.segmentation import synthetic_shapes
+
+    x_train, y_train = synthetic_shapes(num_train, image_size, seed)
+    x_val, y_val = synthetic_shapes(num_val, image_size, seed + SHAPES_VAL_SEED)
+    return x_train, y_train, x_val, y_val
+
+
+def _classification_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, y)
+
+
+def segmentation_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Cross-entropy class weights sqrt(pixels / pixels of the class) over the labelled pixels of ``labels``,
+    scaled to mean 1 (a class without pixels gets the largest weight of the others)."""
+    from retia.data.segmentation import IGNORE_INDEX
+
+    y = labels[labels != IGNORE_INDEX].reshape(-1)
+    counts = torch.bincount(y, minlength=num_classes)[:num_classes].double()
+    w = torch.where(counts > 0, (counts.sum() / counts.clamp(min=1)).sqrt(), torch.zeros_like(counts))
+    w = torch.where(counts > 0, w, w.max())
+    return (w / w.mean()).float()
+
+
+def _segmentation_loss(data: Sequence[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy with :func:`segmentation_class_weights` of the training labels (82 % of the synthetic
+    shapes' pixels are background: unweighted, a short training predicts background everywhere), logits upsampled
+    bilinearly to the label size (HR-NAS: logits at 1/4 of the input, as SegmentationModule)."""
+    from retia.data.segmentation import IGNORE_INDEX, SHAPE_CLASSES
+
+    weight = segmentation_class_weights(data[1], len(SHAPE_CLASSES))
+
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if out.shape[-2:] != y.shape[-2:]:
+            out = nn.functional.interpolate(out, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        return nn.functional.cross_entropy(out, y, weight=weight, ignore_index=IGNORE_INDEX)
+
+    return loss
+
+
+def evaluate_model(model: nn.Module, data: Sequence[torch.Tensor], batch_size: int = 512) -> dict[str, float]:
+    """Top-1 / top-5 (%) on the validation part of ``data``."""
+    from retia.evaluators.weight_sharing import accuracy
+
+    x, y = data[2], data[3]
+    return accuracy(model, [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)])
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: nn.Module, data: Sequence[torch.Tensor], batch_size: int = 64
+                          ) -> dict[str, float]:
+    """``{'miou', 'pixel_acc'}`` (fractions) on the validation part of ``data``:
+    :class:`retia.evaluators.segmentation.SegmentationMetrics` over all validation images (confusion matrix
+    summed, logits upsampled bilinearly to the label size, then argmax)."""
+    from retia.data.segmentation import SHAPE_CLASSES
+    from retia.evaluators.segmentation import SegmentationMetrics
+
+    x, y = data[2], data[3]
+    metric = SegmentationMetrics(len(SHAPE_CLASSES))
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(y), batch_size):
+        metric.update(model(x[i:i + batch_size]), y[i:i + batch_size])
+    model.train(was_training)
+    scores = metric.compute()
+    return {"miou": float(scores["miou"]), "pixel_acc": float(scores["pixel_acc"])}
+
+
+@dataclass(frozen=True)
+class FamilyTask:
+    """What a family's archs are trained and labelled on: ``data(space)`` -> ``(x_train, y_train, x_val, y_val)``,
+    ``make_loss(data)`` -> the training ``loss(output, target)``, ``evaluate(model, data)`` -> labels (a dict
+    holding ``metric``)."""
+
+    name: str
+    metric: str
+    data: Callable[["FamilySpace"], Sequence[torch.Tensor]]
+    make_loss: Callable[[Sequence[torch.Tensor]], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+    evaluate: Callable[[nn.Module, Sequence[torch.Tensor]], dict[str, float]]
+
+
+TASKS: dict[str, FamilyTask] = {
+    "classification": FamilyTask("classification", "top1", lambda sp: digits_split(sp.resolution),
+                                 lambda data: _classification_loss, evaluate_model),
+    "segmentation": FamilyTask("segmentation", "miou", lambda sp: shapes_split(sp.resolution, **sp.data_args),
+                               _segmentation_loss, evaluate_segmentation),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -58,16 +209,34 @@ NUM_CLASSES = 10
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FamilySpace:
-    """How a family samples, builds and names its archs (a dict for AutoFormer, a string for Zen-NAS)."""
+    """How a family samples, builds and names its archs (a dict for AutoFormer / HR-NAS, a string for Zen-NAS),
+    what it is trained on (``task``, a key of :data:`TASKS`; ``data_args`` for the task's data), its default
+    label recipe (``settings``) and a description of anything else in its recipe (``recipe``, stored in the
+    journal header of non-classification families so that a changed recipe refuses an old journal)."""
 
     name: str
     resolution: int
     sample: Callable[[random.Random], Any]
     build: Callable[[Any], nn.Module]
+    task: str = "classification"
+    settings: TrainSettings = TrainSettings(epochs=2)
+    data_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    recipe: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
         return (1, 3, self.resolution, self.resolution)
+
+    @property
+    def family_task(self) -> FamilyTask:
+        return TASKS[self.task]
+
+    @property
+    def metric(self) -> str:
+        return TASKS[self.task].metric
+
+    def data(self) -> Sequence[torch.Tensor]:
+        return TASKS[self.task].data(self)
 
     @staticmethod
     def key(arch: Any) -> str:
@@ -121,9 +290,61 @@ def _zennas_build(structure: str) -> nn.Module:
     return zennas.build(structure, num_classes=NUM_CLASSES)
 
 
+HRNAS_SEG_RESOLUTION = 32
+
+
+@functools.lru_cache(maxsize=1)
+def hrnas_seg_config() -> dict[str, Any]:
+    """HR-NAS ``tiny`` with the segmentation head: 4 classes (the synthetic shapes), 32² input."""
+    from retia.data.segmentation import SHAPE_CLASSES
+    from retia.spaces import hrnas
+
+    return hrnas.preset("tiny", task="segmentation", num_classes=len(SHAPE_CLASSES), input_size=HRNAS_SEG_RESOLUTION)
+
+
+def hrnas_seg_sample(rng: random.Random, keep_range: tuple[float, float] = (0.01, 1.0), jitter: float = 0.5,
+                     drop: float = 0.15) -> dict[str, int]:
+    """A random HR-NAS arch: a keep ratio ``r`` log-uniform in ``keep_range`` for the whole arch, then per key
+    (hidden channels of a kernel branch, tokens of a transformer) ``round(max × min(1, r × U(1 - jitter,
+    1 + jitter)))``; each kernel branch is also removed outright with probability ``drop`` (as progressive shrinking
+    removes branches). So the family spans near-empty to full networks (MACs ~0.2M..11.5M at 32², about half of
+    them below 2M) with uneven blocks."""
+    from retia.spaces import hrnas
+
+    r = math.exp(rng.uniform(math.log(keep_range[0]), math.log(keep_range[1])))
+    arch = {}
+    for key, maximum in hrnas.arch_choices(hrnas_seg_config()).items():
+        if not key.endswith(".tokens") and rng.random() < drop:
+            arch[key] = 0
+            continue
+        arch[key] = int(round(maximum * min(1.0, r * rng.uniform(1 - jitter, 1 + jitter))))
+    return arch
+
+
+HRNAS_HEAD_INIT_STD = 0.01
+
+
+def _hrnas_seg_build(arch: dict[str, int]) -> nn.Module:
+    """``HRNet(config, arch)`` with fresh weights; the final 1×1 classifier re-initialised N(0, 0.01) with zero
+    bias (as mmsegmentation's decode heads; HRNet's Kaiming fan-out init gives logits so large that a short
+    training spends its first steps shrinking them)."""
+    from retia.spaces import hrnas
+
+    model = hrnas.HRNet(hrnas_seg_config(), arch)
+    nn.init.normal_(model.classifier.weight, std=HRNAS_HEAD_INIT_STD)
+    nn.init.zeros_(model.classifier.bias)
+    return model
+
+
 SPACES: dict[str, FamilySpace] = {
     "autoformer": FamilySpace("autoformer", 32, _autoformer_sample, _autoformer_build),
     "zennas": FamilySpace("zennas", 16, _zennas_sample, _zennas_build),
+    "hrnas-seg": FamilySpace("hrnas-seg", HRNAS_SEG_RESOLUTION, hrnas_seg_sample, _hrnas_seg_build,
+                             task="segmentation",
+                             settings=TrainSettings(epochs=6, batch_size=16, lr=1e-2, weight_decay=0.01),
+                             data_args={"num_train": 160, "num_val": 96},
+                             recipe={"loss": "cross-entropy, sqrt inverse-frequency class weights",
+                                     "classifier_init_std": HRNAS_HEAD_INIT_STD, "keep": "log-uniform 0.01..1"}),
 }
 
 
@@ -133,11 +354,15 @@ def get_space(name: str) -> FamilySpace:
     return SPACES[name]
 
 
+def _space(space: str | FamilySpace) -> FamilySpace:
+    return get_space(space) if isinstance(space, str) else space
+
+
 def sample_archs(space: str | FamilySpace, n: int, seed: int = 0) -> list[Any]:
     """``n`` distinct archs drawn in order from a ``seed``-ed generator; a longer list starts with the shorter one
     (so a family can grow by re-running with a larger ``n``)."""
-    sp = get_space(space) if isinstance(space, str) else space
-    if not isinstance(n, int) or n < 1:
+    sp = _space(space)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise RetiaError(f"family size {n!r}: expected a positive integer")
     rng = random.Random(f"{sp.name}:{seed}")
     out, seen = [], set()
@@ -155,39 +380,6 @@ def sample_archs(space: str | FamilySpace, n: int, seed: int = 0) -> list[Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TrainSettings:
-    """Brief training of one arch: AdamW, ``warmup`` (a fraction of the steps) then cosine, batch 64."""
-
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup: float = 0.1
-    min_lr: float = 1e-5
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise RetiaError(f"epochs {self.epochs!r}: expected a positive integer")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise RetiaError(f"batch size {self.batch_size!r}: expected a positive integer")
-        if not self.lr > 0 or not 0 <= self.warmup < 1 or self.weight_decay < 0:
-            raise RetiaError(f"lr={self.lr!r}, warmup={self.warmup!r}, weight_decay={self.weight_decay!r}: "
-                             "expected lr > 0, 0 <= warmup < 1, weight_decay >= 0")
-
-
-@functools.lru_cache(maxsize=4)
-def digits_split(image_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x_train, y_train, x_val, y_val)``: the embedded digits at ``image_size``², split as
-    :class:`retia.data.DigitsDataModule` splits them (seed 0, 20 % validation)."""
-    from retia.data.digits import digits_tensors, split_indices
-
-    images, labels = digits_tensors(image_size)
-    train, val = split_indices(len(labels), 0.2, 0)
-    return images[train], labels[train], images[val], labels[val]
-
-
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     # as ClassificationModule: no decay on biases, norms, tokens and position tables
     decay, no_decay = [], []
@@ -199,8 +391,10 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train_model(model: nn.Module, data: Sequence[torch.Tensor], settings: TrainSettings,
-                forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
-    """Train ``model`` in place on ``data`` (``x_train, y_train, ...``) with ``settings``; seeded."""
+                forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _classification_loss) -> nn.Module:
+    """Train ``model`` in place on ``data`` (``x_train, y_train, ...``) with ``settings`` and ``loss`` (default:
+    cross-entropy on class ids); seeded."""
     from retia.evaluators.classification import warmup_cosine
 
     x, y = data[0], data[1]
@@ -219,40 +413,37 @@ def train_model(model: nn.Module, data: Sequence[torch.Tensor], settings: TrainS
             idx = order[start:start + settings.batch_size]
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            loss = nn.functional.cross_entropy(forward(x[idx]), y[idx])
+            value = loss(forward(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             opt.step()
             step += 1
     model.eval()
     return model
 
 
-def evaluate_model(model: nn.Module, data: Sequence[torch.Tensor], batch_size: int = 512) -> dict[str, float]:
-    """Top-1 / top-5 (%) on the validation part of ``data``."""
-    from retia.evaluators.weight_sharing import accuracy
-
-    x, y = data[2], data[3]
-    return accuracy(model, [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)])
-
-
-def label_arch(space: str | FamilySpace, arch: Any, settings: TrainSettings = TrainSettings()
+def label_arch(space: str | FamilySpace, arch: Any, settings: TrainSettings | None = None
                ) -> tuple[nn.Module, dict[str, Any]]:
-    """Build ``arch`` (seeded), train it and measure it: ``(trained model, {'top1', 'top5', 'seconds'})``."""
-    sp = get_space(space) if isinstance(space, str) else space
+    """Build ``arch`` (seeded), train it on its space's task and measure it: ``(trained model, labels)``, labels
+    ``{'top1', 'top5', 'seconds'}`` (classification) or ``{'miou', 'pixel_acc', 'seconds'}`` (segmentation).
+    ``settings`` default: the space's own."""
+    sp = _space(space)
+    settings = sp.settings if settings is None else settings
+    task = sp.family_task
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     model = sp.build(arch)
-    data = digits_split(sp.resolution)
-    train_model(model, data, settings)
-    scores = evaluate_model(model, data)
+    data = sp.data()
+    train_model(model, data, settings, loss=task.make_loss(data))
+    scores = task.evaluate(model, data)
     return model, {**scores, "seconds": round(time.perf_counter() - start, 3)}
 
 
 def arch_graph(space: str | FamilySpace, arch: Any, name: str, labels: dict[str, Any] | None = None,
                model: nn.Module | None = None) -> CompGraph:
-    """The graph of ``arch`` (FLOPs and params profiled), its meta holding the space, the arch and ``labels``."""
-    sp = get_space(space) if isinstance(space, str) else space
+    """The graph of ``arch`` at the space's input shape (FLOPs and params profiled), its meta holding the space,
+    the arch and ``labels``."""
+    sp = _space(space)
     model = model if model is not None else sp.build(arch)
     return build_graph(model, sp.input_shape, name=name, meta={"space": sp.name, "arch": arch, **(labels or {})})
 
@@ -301,22 +492,49 @@ def _write_family(graphs: list[CompGraph], path: Path, meta: dict[str, Any]) -> 
     os.replace(tmp, path)
 
 
-def build_family(space: str, n: int, path: str | Path, settings: TrainSettings = TrainSettings(), seed: int = 0,
-                 progress: bool = True, on_arch: Callable[[CompGraph, nn.Module], None] | None = None
-                 ) -> list[CompGraph]:
-    """Train and label ``n`` archs of ``space`` (sampled with ``seed``) into ``path`` (see the module docstring).
+def family_header(space: str | FamilySpace, settings: TrainSettings, seed: int = 0) -> dict[str, Any]:
+    """The journal header of a family: format, space, sampling seed, resolution and training settings, plus task,
+    metric and data for a non-classification family (classification headers are as they always were, so older
+    journals still match)."""
+    sp = _space(space)
+    header = {"format": FAMILY_FORMAT, "space": sp.name, "seed": seed, "resolution": sp.resolution,
+              "train": dataclasses.asdict(settings)}
+    if sp.task != "classification":
+        header.update(task=sp.task, metric=sp.metric, data=dict(sp.data_args), recipe=dict(sp.recipe))
+    return header
+
+
+def default_family_file(folder: str | Path, space: str | FamilySpace, settings: TrainSettings, seed: int = 0
+                        ) -> Path:
+    """``folder/<space>-e<epochs>-s<seed>.safetensors`` when ``settings`` are the space's default recipe with
+    another epoch count (the older names), else with a short hash of the settings appended, so different label
+    settings never share a journal."""
+    sp = _space(space)
+    name = f"{sp.name}-e{settings.epochs}-s{seed}"
+    base = dataclasses.replace(sp.settings, epochs=settings.epochs, seed=settings.seed)
+    if settings != base:
+        digest = hashlib.sha1(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode()).hexdigest()[:6]
+        name += f"-{digest}"
+    return Path(folder) / f"{name}.safetensors"
+
+
+def build_family(space: str | FamilySpace, n: int, path: str | Path, settings: TrainSettings | None = None,
+                 seed: int = 0, progress: bool = True,
+                 on_arch: Callable[[CompGraph, nn.Module], None] | None = None) -> list[CompGraph]:
+    """Train and label ``n`` archs of ``space`` (sampled with ``seed``) into ``path`` (see the module docstring);
+    ``settings`` default: the space's own recipe.
 
     Resumes from ``path``'s journal; a journal of other settings is refused. ``on_arch(graph, model)`` sees every
     newly trained arch.
     """
-    sp = get_space(space)
+    sp = _space(space)
+    settings = sp.settings if settings is None else settings
     path = Path(path)
     if path.suffix != ".safetensors":
         raise RetiaError(f"family file {str(path)!r}: expected a .safetensors file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     archs = sample_archs(sp, n, seed)
-    header = {"format": FAMILY_FORMAT, "space": sp.name, "seed": seed, "resolution": sp.resolution,
-              "train": dataclasses.asdict(settings)}
+    header = family_header(sp, settings, seed)
     journal = journal_path(path)
     old_header, rows = _read_journal(journal)
     if old_header is not None and old_header != header:
@@ -329,7 +547,7 @@ def build_family(space: str, n: int, path: str | Path, settings: TrainSettings =
     graphs = [arch_graph(sp, r["arch"], r["name"], r["labels"]) for r in rows if sp.key(r["arch"]) in
               {sp.key(a) for a in archs}]
     todo = [(i, a) for i, a in enumerate(archs) if sp.key(a) not in done]
-    meta = {"family": header}
+    meta = {"family": header, "metric": sp.metric}
     if graphs and not todo:
         _write_family(graphs, path, meta)
         return graphs
@@ -350,7 +568,7 @@ def build_family(space: str, n: int, path: str | Path, settings: TrainSettings =
             if on_arch is not None:
                 on_arch(graph, model)
             if bar is not None:
-                bar.set_postfix(top1=f"{labels['top1']:.1f}", s=f"{labels['seconds']:.1f}")
+                bar.set_postfix({sp.metric: f"{labels[sp.metric]:.3g}", "s": f"{labels['seconds']:.1f}"})
                 bar.update(1)
     finally:
         if bar is not None:
@@ -366,13 +584,103 @@ def family_labels(graphs: Sequence[CompGraph], metric: str = "top1") -> np.ndarr
     return np.array([float(g.meta[metric]) for g in graphs])
 
 
-def load_family(path: str | Path, metric: str = "top1") -> tuple[list[CompGraph], np.ndarray]:
-    """``(graphs, labels)`` of a family file."""
+def _family_meta(path: Path) -> dict[str, Any]:
+    from retia.weights import load_meta
+
+    return (load_meta(path) or {}).get("meta") or {}
+
+
+def family_metric(path: str | Path) -> str:
+    """The label name of a family file: its meta's ``metric``; ``top1`` for files written before it was stored."""
+    meta = _family_meta(Path(path))
+    return meta.get("metric") or (meta.get("family") or {}).get("metric") or "top1"
+
+
+def load_family(path: str | Path, metric: str | None = None) -> tuple[list[CompGraph], np.ndarray]:
+    """``(graphs, labels)`` of a family file; ``metric`` default: the file's own (:func:`family_metric`)."""
     path = Path(path)
     if not path.is_file():
         raise RetiaError(f"family file {str(path)!r} does not exist")
     graphs = load_graphs(path)
-    return graphs, family_labels(graphs, metric)
+    return graphs, family_labels(graphs, metric or family_metric(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# label noise ceiling
+# ---------------------------------------------------------------------------------------------------------------
+def noise_ceiling(path: str | Path, k: int = 16, seed_offset: int = 1000, progress: bool = True
+                  ) -> dict[str, Any]:
+    """Retrain the first ``k`` archs of the family file ``path`` with a second training seed (each arch's
+    ``train_seed + seed_offset``; same data, settings and split) and compare the two label sets: ``{'srcc',
+    'kendall', 'mae', 'ceiling', 'k', 'metric', 'seed_offset', 'names', 'first', 'second', 'seconds'}``.
+
+    ``srcc`` (test-retest SRCC) is how well one training's labels rank the archs as another training does: a
+    predictor scored against the stored labels cannot be expected to beat it by much. Read as a reliability (label =
+    arch effect + independent seed noise), the best any predictor can expect against one label set is about its
+    square root (Spearman's correction for attenuation), reported as ``ceiling`` (NaN when ``srcc`` <= 0).
+
+    Retrained labels are kept in a journal (``<family>.noise-o<offset>.jsonl``), so a killed run resumes; the
+    report is written to ``<family>.noise-o<offset>.json``.
+    """
+    from .predictor import kendall_tau, spearman
+
+    path = Path(path)
+    graphs, labels = load_family(path)
+    header = _family_meta(path).get("family")
+    if not header or header.get("space") not in SPACES or "train" not in header:
+        raise RetiaError(f"family file {str(path)!r} has no family header (expected a file of build_family)")
+    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= len(graphs):
+        raise RetiaError(f"noise ceiling k={k!r}: expected an int in [2, {len(graphs)}] (the family's size)")
+    if isinstance(seed_offset, bool) or not isinstance(seed_offset, int) or seed_offset == 0:
+        raise RetiaError(f"noise ceiling seed offset {seed_offset!r}: expected a non-zero int")
+    sp = get_space(header["space"])
+    if header.get("data") is not None and header["data"] != sp.data_args:  # a family built with other data sizes
+        sp = dataclasses.replace(sp, data_args=dict(header["data"]))
+    settings = TrainSettings(**header["train"])
+    metric = family_metric(path)
+    stem = path.with_suffix("")
+    journal = stem.with_name(f"{stem.name}.noise-o{seed_offset}.jsonl")
+    jheader = {"family": header, "seed_offset": seed_offset}
+    old, rows = _read_journal(journal)
+    if old is not None and old != jheader:
+        raise RetiaError(f"noise journal {str(journal)!r} belongs to another family or offset: remove it")
+    if old is None:
+        journal.write_text("")
+        _append(journal, {"header": jheader})
+    second = {r["name"]: r for r in rows}
+    chosen = graphs[:k]
+    start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=k, initial=sum(g.name in second for g in chosen), desc=f"{sp.name} second seed",
+                   unit="arch", file=sys.stdout)
+    try:
+        for i, g in enumerate(chosen):
+            if g.name in second:
+                continue
+            seed = int(g.meta.get("train_seed", settings.seed + i)) + seed_offset
+            _, again = label_arch(sp, g.meta["arch"], dataclasses.replace(settings, seed=seed))
+            row = {"name": g.name, "train_seed": seed, "labels": again}
+            _append(journal, row)
+            second[g.name] = row
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    first = [float(g.meta[metric]) for g in chosen]
+    again = [float(second[g.name]["labels"][metric]) for g in chosen]
+    srcc = spearman(first, again)
+    report = {"family": str(path), "space": sp.name, "metric": metric, "k": k, "seed_offset": seed_offset,
+              "srcc": srcc, "kendall": kendall_tau(first, again),
+              "ceiling": math.sqrt(srcc) if srcc > 0 else float("nan"),
+              "mae": float(np.mean(np.abs(np.subtract(first, again)))),
+              "names": [g.name for g in chosen], "first": first, "second": again,
+              "seconds": round(time.perf_counter() - start, 1)}
+    stem.with_name(f"{stem.name}.noise-o{seed_offset}.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,13 +690,23 @@ def build_parser() -> argparse.ArgumentParser:
     from retia.cli import add_threads_arg, positive_int
 
     p = argparse.ArgumentParser(prog="python -m retia.evaluators.aiop.family", description=__doc__.split("\n\n")[0])
-    p.add_argument("--space", required=True, choices=sorted(SPACES), help="the retia space to sample")
+    p.add_argument("--space", required=True, choices=list(SPACES), help="the retia space to sample")
     p.add_argument("--n", type=positive_int, default=40, help="architectures (default: %(default)s)")
-    p.add_argument("--epochs", type=positive_int, default=TrainSettings.epochs, help="training epochs per arch")
-    p.add_argument("--batch-size", type=positive_int, default=TrainSettings.batch_size)
-    p.add_argument("--lr", type=float, default=TrainSettings.lr)
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="training epochs per arch (default: the space's recipe: "
+                        + ", ".join(f"{sp.settings.epochs} for {name}" for name, sp in SPACES.items()) + ")")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default: the space's recipe")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the space's recipe)")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: the space's recipe")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="fraction of the steps with linear warmup (default: the space's recipe)")
     p.add_argument("--seed", type=int, default=0, help="sampling and training seed")
     p.add_argument("-o", "--output", required=True, help="family file (.safetensors; + .json, .labels.jsonl)")
+    p.add_argument("--noise-ceiling", type=positive_int, default=None, metavar="K",
+                   help="also retrain the first K archs with a second training seed and report the SRCC between the "
+                        "two label sets (the label-noise ceiling)")
+    p.add_argument("--noise-seed-offset", type=int, default=1000,
+                   help="second training seed = first + this (default: %(default)s)")
     p.add_argument("--shared-head", action="store_true",
                    help="also label every arch with the shared-head shortcut (autoformer only) and report its "
                         "SRCC / Kendall tau against the trained labels")
@@ -399,19 +717,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def settings_from_args(space: str | FamilySpace, args: argparse.Namespace, seed: int = 0) -> TrainSettings:
+    """The space's recipe with the command-line overrides (``epochs``, ``batch_size``, ``lr``, ``weight_decay``,
+    ``warmup`` where not None) and ``seed``."""
+    changes = {k: getattr(args, k, None) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup")}
+    return dataclasses.replace(_space(space).settings, seed=seed, **{k: v for k, v in changes.items() if v is not None})
+
+
 def main(argv: list[str] | None = None) -> list[CompGraph]:
     from retia.cli import quiet, set_threads
 
     args = build_parser().parse_args(argv)
     quiet()
     set_threads(args.threads)
-    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    settings = settings_from_args(args.space, args, seed=args.seed)
     if args.shared_head and args.space != "autoformer":
         raise RetiaError(f"--shared-head needs a supernet: expected --space autoformer, got {args.space!r}")
+    if args.noise_ceiling is not None and not 2 <= args.noise_ceiling <= args.n:
+        raise RetiaError(f"--noise-ceiling {args.noise_ceiling}: expected 2..{args.n} (--n)")
     graphs = build_family(args.space, args.n, args.output, settings, seed=args.seed, progress=not args.no_progress)
-    labels = family_labels(graphs)
-    print(f"{len(graphs)} {args.space} archs in {args.output}: top-1 {labels.min():.1f}..{labels.max():.1f} % "
-          f"(mean {labels.mean():.1f}), {sum(g.meta['seconds'] for g in graphs):.0f} s of training")
+    metric = SPACES[args.space].metric
+    labels = family_labels(graphs, metric)
+    print(f"{len(graphs)} {args.space} archs in {args.output}: {metric} {labels.min():.3g}..{labels.max():.3g} "
+          f"(mean {labels.mean():.3g}), {sum(g.meta['seconds'] for g in graphs):.0f} s of training")
+    if args.noise_ceiling is not None:
+        report = noise_ceiling(args.output, args.noise_ceiling, args.noise_seed_offset, progress=not args.no_progress)
+        print(f"label-noise ceiling ({report['k']} archs retrained with seed +{report['seed_offset']}): test-retest "
+              f"SRCC {report['srcc']:.3f}, Kendall tau {report['kendall']:.3f}, mean |difference| {report['mae']:.3g}; "
+              f"predictor ceiling ~ sqrt(SRCC) = {report['ceiling']:.2f} ({report['seconds']:.0f} s)")
     if args.shared_head:
         from .shared_head import label_family_shared_head
 

@@ -188,15 +188,34 @@ def graph_tensors(g: CompGraph):
                 edge_index=g.edge_index.long(), num_nodes=g.num_nodes)
 
 
-N_GLOBAL = 2  # graph-level inputs of GNNPredictor(graph_features=True): log10(FLOPs + 1), log10(params + 1)
+# graph-level inputs of GNNPredictor(graph_features=...): log10(FLOPs + 1), log10(params + 1), log10(nodes)
+GLOBAL_FEATURES = ("flops", "params", "nodes")
+DEFAULT_GLOBALS = ("flops", "params")  # graph_features=True
+N_GLOBAL = len(DEFAULT_GLOBALS)
 
 
-def _global_raw(graphs: Sequence[CompGraph]) -> np.ndarray:
-    missing = [g.name or str(i) for i, g in enumerate(graphs) if g.flops is None or g.params is None]
+def _global_names(graph_features: Any) -> tuple[str, ...]:
+    """``graph_features`` (False / True / names) as a tuple of :data:`GLOBAL_FEATURES` names."""
+    if graph_features is None or graph_features is False:
+        return ()
+    if graph_features is True:
+        return DEFAULT_GLOBALS
+    names = (graph_features,) if isinstance(graph_features, str) else tuple(graph_features)
+    bad = [n for n in names if n not in GLOBAL_FEATURES]
+    if bad or len(set(names)) != len(names):
+        raise RetiaError(f"graph_features {graph_features!r}: expected True / False or distinct names from "
+                         f"{', '.join(GLOBAL_FEATURES)}")
+    return names
+
+
+def _global_raw(graphs: Sequence[CompGraph], names: Sequence[str] = DEFAULT_GLOBALS) -> np.ndarray:
+    needs = [n for n in names if n in ("flops", "params")]
+    missing = [g.name or str(i) for i, g in enumerate(graphs) if any(getattr(g, n) is None for n in needs)]
     if missing:
         raise RetiaError(f"graph {missing[0]!r} has no FLOPs / params: build it with profile=True for "
                          "graph_features=True")
-    return np.log10(np.array([[g.flops, g.params] for g in graphs], dtype=np.float64) + 1)
+    value = {"flops": lambda g: g.flops + 1, "params": lambda g: g.params + 1, "nodes": lambda g: g.num_nodes}
+    return np.log10(np.array([[value[n](g) for n in names] for g in graphs], dtype=np.float64))
 
 
 def _check(graphs: Any, targets: Any | None = None) -> tuple[list[CompGraph], np.ndarray | None]:
@@ -384,22 +403,28 @@ class GNNPredictor(Predictor):
 
     ``graph_features=True`` (our extension; AIO-P's head sees only the pooled node embeddings) also feeds the head
     log10(FLOPs + 1) and log10(params + 1) of each graph, standardised with the mean / s.d. over the graphs given to
-    ``fit`` (refitted on the graphs given to ``fine_tune``, as the target normaliser; graphs only, no labels)."""
+    ``fit`` (refitted on the graphs given to ``fine_tune``, as the target normaliser; graphs only, no labels).
+    ``graph_features=("flops", "params", "nodes")`` adds log10 of the graph's node count (mean pooling alone cannot
+    tell a deep net from a shallow one with the same mix of ops)."""
 
     kind = "gnn"
 
     def __init__(self, width: int = 32, layers: int = 6, epochs: int = 40, lr: float = 1e-3, batch_size: int = 32,
-                 norm: str = "stand", seed: int = 0, weight_decay: float = 0.0, graph_features: bool = False,
-                 verbose: bool = False) -> None:
+                 norm: str = "stand", seed: int = 0, weight_decay: float = 0.0,
+                 graph_features: bool | Sequence[str] = False, verbose: bool = False) -> None:
         if width < 16 or width % 2:
             raise RetiaError(f"GNN width {width}: expected an even number >= 16")
         if layers < 1 or epochs < 0 or batch_size < 1 or lr <= 0:
             raise RetiaError(f"GNN settings layers={layers}, epochs={epochs}, batch_size={batch_size}, lr={lr}: "
                              "expected layers >= 1, epochs >= 0, batch_size >= 1, lr > 0")
+        names = _global_names(graph_features)
+        # True for the default pair (as files written before the names existed), else the list of names
+        stored: bool | list[str] = bool(names) if names in ((), DEFAULT_GLOBALS) else list(names)
         self.hparams = dict(width=width, layers=layers, epochs=epochs, lr=lr, batch_size=batch_size, norm=norm,
-                            seed=seed, weight_decay=weight_decay, graph_features=bool(graph_features))
+                            seed=seed, weight_decay=weight_decay, graph_features=stored)
+        self.global_names = names
         self.norm = TargetNormalizer(norm)
-        self.glob_mean, self.glob_std = [0.0, 0.0], [1.0, 1.0]
+        self.glob_mean, self.glob_std = [0.0] * len(names), [1.0] * len(names)
         self.verbose = verbose
         self.model: nn.Module | None = None
         self.history: list[float] = []
@@ -410,18 +435,18 @@ class GNNPredictor(Predictor):
         return GNNRegressor(self.hparams["width"], self.hparams["layers"], self._n_global())
 
     def _n_global(self) -> int:
-        return N_GLOBAL if self.hparams.get("graph_features") else 0
+        return len(self.global_names)
 
     def _fit_globals(self, graphs: list[CompGraph]) -> None:
         if self._n_global():
-            x = _global_raw(graphs)
+            x = _global_raw(graphs, self.global_names)
             self.glob_mean = [float(v) for v in x.mean(0)]
             self.glob_std = [float(v) or 1.0 for v in x.std(0)]
 
     def _data(self, graphs: list[CompGraph]) -> list:
         data = [graph_tensors(g) for g in graphs]
         if self._n_global():
-            x = (_global_raw(graphs) - np.array(self.glob_mean)) / np.array(self.glob_std)
+            x = (_global_raw(graphs, self.global_names) - np.array(self.glob_mean)) / np.array(self.glob_std)
             for d, row in zip(data, x):
                 d.glob = torch.tensor(row, dtype=torch.float32).view(1, -1)
         return data
