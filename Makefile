@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PYTHON) experiments/autoformer_search.py
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -p no:cacheprovider
+	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=25
 
 test-quick: $(STAMP)
 	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not slow"

@@ -21,8 +21,14 @@ from torch import nn
 
 from ..errors import RetiaError
 from ..weights import load_weights, save_weights
+from .optim import adamw_warmup_cosine, warmup_cosine  # noqa: F401 (warmup_cosine: re-exported)
 
 _logger = logging.getLogger(__name__)
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    """No weight decay on biases, norms, tokens and position tables (as timm / AutoFormer)."""
+    return p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) or "embeddings_table" in name
 
 
 class ReportTop1ToNNI:
@@ -96,23 +102,9 @@ class ClassificationModule(ReportTop1ToNNI, LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            # No weight decay on biases, norms, tokens and position tables (as timm / AutoFormer).
-            (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) or "embeddings_table" in name
-             else decay).append(p)
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=hp.learning_rate)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, self.trainer.max_epochs or 1)
-        warmup = int(total * min(hp.warmup_epochs, epochs) / epochs)
-        # the warmup start and cosine floor never exceed the base rate (a tiny --learning-rate stays tiny)
-        schedule = warmup_cosine(total, warmup, hp.learning_rate, min(hp.warmup_lr, hp.learning_rate),
-                                 min(hp.min_lr, hp.learning_rate))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / hp.learning_rate)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self, self.trainer, learning_rate=hp.learning_rate, weight_decay=hp.weight_decay,
+                                   warmup_epochs=hp.warmup_epochs, warmup_lr=hp.warmup_lr, min_lr=hp.min_lr,
+                                   no_decay=_no_decay)
 
 
 
@@ -128,18 +120,6 @@ def load_matching(model: nn.Module, path: str) -> list[str]:
     if skipped:
         _logger.warning("kept the fresh initialisation of %s (not in %s or another shape)", ", ".join(skipped), path)
     return skipped
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int, base_lr: float, warmup_lr: float = 1e-6,
-                  min_lr: float = 1e-5) -> Callable[[int], float]:
-    """Learning rate at a step: linear from ``warmup_lr`` to ``base_lr`` over ``warmup_steps``, then cosine down to
-    ``min_lr`` at ``total_steps``."""
-    def lr(step: int) -> float:
-        if step < warmup_steps:
-            return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
-    return lr
 
 
 class SafetensorsCheckpoint(pl.Callback):
@@ -191,15 +171,17 @@ def make_trainer(max_epochs: int, log_dir: str | Path, callbacks: list[pl.Callba
 def classification_evaluator(datamodule: pl.LightningDataModule, num_classes: int, max_epochs: int,
                              log_dir: str | Path, callbacks: list[pl.Callback] | None = None,
                              accelerator: str = "auto", devices: int | str = "auto", strategy: str = "auto",
-                             precision: str | None = None, limit_train_batches: float | int | None = None,
+                             precision: str | None = None, num_nodes: int = 1, sync_batchnorm: bool = False,
+                             limit_train_batches: float | int | None = None,
                              enable_progress_bar: bool = True, **module_kwargs: Any) -> Lightning:
     """An NNI ``Lightning`` evaluator training :class:`ClassificationModule` on ``datamodule``.
 
-    ``devices`` / ``strategy`` / ``accelerator`` go to Lightning's Trainer: e.g. ``devices=4, strategy="ddp"`` for
-    four GPUs, ``num_nodes`` through ``SLURM``/``torchrun`` as Lightning documents.
+    ``devices`` / ``strategy`` / ``accelerator`` / ``num_nodes`` / ``sync_batchnorm`` go to Lightning's Trainer: e.g.
+    ``devices=4, strategy="ddp"`` for four GPUs, ``num_nodes=2`` for two such nodes (under SLURM or torchrun).
     """
     trainer = make_trainer(max_epochs, log_dir, callbacks, accelerator=accelerator, devices=devices,
-                           strategy=strategy, precision=precision, limit_train_batches=limit_train_batches,
+                           strategy=strategy, precision=precision, num_nodes=num_nodes, sync_batchnorm=sync_batchnorm,
+                           limit_train_batches=limit_train_batches,
                            enable_progress_bar=enable_progress_bar)
     module = ClassificationModule(num_classes=num_classes, **module_kwargs)
     return Lightning(module, trainer, datamodule=datamodule)

@@ -134,7 +134,9 @@ def train(model, loader, epochs: int, max_batches: int, lr: float, weight_decay:
     steps_per_epoch = len(loader) if max_batches <= 0 else min(len(loader), max_batches)
     total = max(1, epochs * steps_per_epoch)
     warmup = max(1, total // 10)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    from retia.evaluators.optim import adamw
+
+    optimizer = adamw(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
     for epoch in range(epochs):
