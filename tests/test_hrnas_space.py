@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from retia.errors import RetiaError
 from retia.profile import count_flops
@@ -168,3 +169,115 @@ def test_bad_arch_and_best_model_are_one_line(tmp_path):
         hrnas.read_best_model(tmp_path / "none.json", cfg)
     with pytest.raises(RetiaError, match="preset 'huge'"):
         hrnas.preset("huge")
+
+
+# --- fast forward == reference forward ------------------------------------------------------------------------
+def _fast_and_reference(cfg, dtype=torch.float64, batch=3, train=True, seed=0):
+    """The same network twice; one step of (sum of squares of the output) through the fast forward and through
+    ``reference_forward``: outputs, input gradients, both networks."""
+    torch.manual_seed(seed)
+    fast = hrnas.HRNet(cfg).to(dtype).train(train)
+    _randomize_bn(fast, seed)
+    ref = hrnas.HRNet(cfg).to(dtype).train(train)
+    ref.load_state_dict(fast.state_dict())
+    h, w = hnet.input_hw(cfg)
+    x = torch.randn(batch, 3, h, w, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_f = fast(xf)
+    out_f.square().sum().backward()
+    with hnet.reference_forward():
+        out_r = ref(xr)
+        out_r.square().sum().backward()
+    return fast, ref, (out_f, out_r), (xf.grad, xr.grad)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(task="segmentation", num_classes=5, head_channels=None, last_channel=32),
+    dict(input_size=[32, 24], kernel_sizes=[3, 7], active_fn="hswish"),
+])
+def test_fast_forward_equals_reference_in_float64(kw, monkeypatch):
+    # no dropout, so both paths compute the same function; float64, so rounding cannot hide a wrong formula
+    cfg = hrnas.preset("tiny", dropout=0.0, transformer_dropout=0.0, **kw)
+    modes = []
+    apply = hnet._DepthwiseConvFn.apply
+    monkeypatch.setattr(hnet._DepthwiseConvFn, "apply", lambda *a: modes.append(a[-1]) or apply(*a))
+    merged = []
+    orig = hnet.Block._branches_merged
+    monkeypatch.setattr(hnet.Block, "_branches_merged", lambda self, x: merged.append(1) or orig(self, x))
+    fast, ref, (out_f, out_r), (gx_f, gx_r) = _fast_and_reference(cfg)
+    # the fast paths really ran: merged branches, both depthwise backwards (maps of 2x2 and 4x4 in `tiny`)
+    assert len(merged) == len(fast.blocks) and {"matrix", "batch-conv"} <= set(modes)
+    assert out_f.shape == out_r.shape and out_f.is_contiguous()
+    torch.testing.assert_close(out_f, out_r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx_f, gx_r, rtol=1e-9, atol=1e-10)
+    grads_r = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, grads_r[name].grad, rtol=1e-8, atol=1e-10, msg=name)
+    state_r = ref.state_dict()  # running statistics and batch counters updated alike
+    assert list(fast.state_dict()) == list(state_r)
+    for name, t in fast.state_dict().items():
+        torch.testing.assert_close(t, state_r[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_fast_forward_float32_and_eval_close_to_reference():
+    cfg = hrnas.preset("tiny", dropout=0.0, transformer_dropout=0.0)
+    _, _, (out_f, out_r), _ = _fast_and_reference(cfg, dtype=torch.float32, batch=4)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-4, atol=1e-4)
+    # eval mode with the default dropouts (inactive): the same function too
+    _, _, (out_f, out_r), (gx_f, gx_r) = _fast_and_reference(hrnas.preset("tiny"), train=False)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx_f, gx_r, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["matrix", "batch-conv"])
+@pytest.mark.parametrize("c,h,w,k,s", [(3, 2, 2, 7, 1), (2, 2, 1, 5, 1), (4, 1, 1, 3, 1), (3, 4, 4, 5, 1),
+                                       (2, 4, 4, 7, 2), (3, 3, 3, 5, 2), (2, 5, 3, 3, 2)])
+def test_depthwise_backward_formulas_equal_torch(mode, c, h, w, k, s):
+    g = torch.Generator().manual_seed(k * 10 + s)
+    x = torch.randn(3, c, h, w, dtype=torch.float64, generator=g)
+    wt = torch.randn(c, 1, k, k, dtype=torch.float64, generator=g)
+    x1, w1 = x.clone().requires_grad_(), wt.clone().requires_grad_()
+    x2, w2 = x.clone().requires_grad_(), wt.clone().requires_grad_()
+    y1 = hnet._DepthwiseConvFn.apply(x1, w1, s, k // 2, mode)
+    y2 = torch.nn.functional.conv2d(x2, w2, None, s, k // 2, 1, c)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)  # the forward is torch's conv itself
+    gy = torch.randn(y1.shape, dtype=torch.float64, generator=g)
+    y1.backward(gy)
+    y2.backward(gy)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_fast_dropout_masks_keep_rate_and_scale():
+    like = torch.empty(0)
+    masks = hnet._keep_masks((0.25,) * 4, True, like, [(200, 100), (300, 100), (100, 100), (400, 100)])
+    for m in masks:
+        assert set(m.unique().tolist()) == {0.0, torch.tensor(1 / 0.75).item()}
+        assert abs(float((m == 0).double().mean()) - 0.25) < 0.02  # n >= 10000: 5 sigma < 0.022
+    assert not torch.equal(masks[0][:100], masks[2])  # independent draws
+    assert hnet._keep_masks((0.25,) * 2, False, like, [(3,), (3,)]) == [None, None]
+    mixed = hnet._keep_masks((0.0, 1.0), True, like, [(5,), (5,)])
+    assert mixed[0] is None and float(mixed[1].abs().sum()) == 0.0
+
+
+def test_forward_hooks_see_every_branch_module():
+    net = hrnas.HRNet(_small()).train()
+    block = net.blocks["s1_b0_0"]
+    seen = []
+    handles = [block.ops[f"k{k}"][0][2].register_forward_hook(lambda m, i, o, k=k: seen.append((k, o.shape[1])))
+               for k in block.kernel_sizes]
+    net(torch.randn(2, 3, 32, 32))
+    for h in handles:
+        h.remove()
+    assert seen == [(k, c) for k, c in zip(block.kernel_sizes, block.channels)]
+
+
+def test_sync_batchnorm_blocks_take_the_module_path():
+    """SyncBatchNorm must see its inputs through its own forward (cross-rank statistics): a converted network's
+    blocks do not run their branches merged."""
+    net = hrnas.HRNet(hrnas.preset("tiny"))
+    blocks = [m for m in net.modules() if isinstance(m, hnet.Block) and len(m.ops) > 1]
+    assert blocks and all(b._mergeable() for b in blocks)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    assert not any(b._mergeable() for b in synced.modules() if isinstance(b, hnet.Block) and len(b.ops) > 1)

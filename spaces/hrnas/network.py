@@ -14,6 +14,7 @@ given indices when shrinking).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from ...errors import RetiaError
 
@@ -325,6 +327,175 @@ def count_macs(cfg: Mapping[str, Any], arch: Mapping[str, Any] | None = None, ba
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# fast forward helpers (same math as the reference forward; see docs/hrnas.md, "Speed")
+# ---------------------------------------------------------------------------------------------------------------
+_REFERENCE = False
+
+
+@contextlib.contextmanager
+def reference_forward():
+    """Within this context every :class:`HRNet` runs its straightforward forward: module by module in the input's
+    memory format, attention as separate q / k / v products, ``nn.Dropout``, torch's depthwise backward. It is
+    the definition the default (fast) forward is tested against: same parameters, same outputs and gradients up
+    to float rounding, same closed-form and FlopCounterMode MACs."""
+    global _REFERENCE
+    old, _REFERENCE = _REFERENCE, True
+    try:
+        yield
+    finally:
+        _REFERENCE = old
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _same_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``like``'s memory format (channels-last stays channels-last through the transformer)."""
+    return t.contiguous(memory_format=torch.channels_last) if _is_channels_last(like) else t
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook could see ``module``'s submodules (then the fast paths that skip or merge their
+    calls step aside, so hooks see every module called as in :func:`reference_forward`)."""
+    if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def _keep_masks(ps: tuple[float, ...], training: bool, like: torch.Tensor,
+                shapes: list[tuple[int, ...]]) -> list[torch.Tensor | None]:
+    """Inverted-dropout masks (0 with probability p, else 1 / (1 - p)) for dropouts of rates ``ps`` on tensors of
+    ``shapes`` (None: no dropout). Equal rates share one ``uniform_`` draw (cheaper than one ``bernoulli_`` per
+    ``F.dropout``; the random stream differs from ``nn.Dropout``'s, the distribution does not)."""
+    if not training or all(p == 0.0 for p in ps):
+        return [None] * len(shapes)
+
+    def draw(p, numel):
+        if p >= 1.0:
+            return torch.zeros(numel, dtype=like.dtype, device=like.device)
+        return torch.empty(numel, dtype=like.dtype, device=like.device).uniform_().ge_(p).mul_(1.0 / (1.0 - p))
+
+    sizes = [math.prod(shape) for shape in shapes]
+    if len(set(ps)) == 1:
+        flat = draw(ps[0], sum(sizes)).split(sizes)
+    else:
+        flat = [draw(p, n) if p > 0.0 else None for p, n in zip(ps, sizes)]
+    return [None if m is None else m.view(shape) for m, shape in zip(flat, shapes)]
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x if mask is None else x * mask
+
+
+def _dw_weight_grad_by_batch_conv(x: torch.Tensor, grad: torch.Tensor, kernel: int, stride: int,
+                                  padding: int) -> torch.Tensor:
+    """Weight gradient of a depthwise conv: dW[c, i, j] = sum_{b,h,w} x_pad[b, c, s*h + i, s*w + j] g[b, c, h, w],
+    computed as one grouped conv with the batch as input channels (group c: x[:, c] correlated with g[:, c],
+    dilation = stride)."""
+    b, c, h, w = x.shape
+    out = F.conv2d(x.transpose(0, 1).reshape(1, c * b, h, w), grad.transpose(0, 1), None, 1, padding, stride, c)
+    return out[0, :, :kernel, :kernel].unsqueeze(1)
+
+
+_TAPS: dict[tuple, torch.Tensor] = {}
+
+
+def _tap_matrix(kernel: int, stride: int, padding: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """``T`` of shape (k*k, ho*wo*h*w): T[tap, (o, i)] = 1 where kernel tap ``tap`` links input pixel i to output
+    pixel o, so a depthwise conv on an h x w map is, per channel, the (ho*wo, h*w) matrix W[c] @ T."""
+    key = (kernel, stride, padding, h, w, like.dtype, like.device)
+    if key not in _TAPS:
+        ho, wo = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+        t = torch.zeros(kernel, kernel, ho, wo, h, w, dtype=like.dtype)
+        for i in range(kernel):
+            for j in range(kernel):
+                for a in range(ho):
+                    for b in range(wo):
+                        y, x = a * stride + i - padding, b * stride + j - padding
+                        if 0 <= y < h and 0 <= x < w:
+                            t[i, j, a, b, y, x] = 1
+        _TAPS[key] = t.view(kernel * kernel, ho * wo * h * w).to(like.device)
+    return _TAPS[key]
+
+
+class _DepthwiseConvFn(torch.autograd.Function):
+    """Depthwise conv (no bias, square odd kernel, stride s, padding p): the forward is torch's conv (so counters
+    see the same op), the backward is the same math computed differently (see :func:`_depthwise`):
+    ``"matrix"`` — per channel the conv is a small dense matrix W[c] @ T (:func:`_tap_matrix`), so both gradients are
+    batched matrix products; ``"batch-conv"`` — input gradient from torch, weight gradient from
+    :func:`_dw_weight_grad_by_batch_conv`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride: int, padding: int, mode: str):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding, ctx.mode = stride, padding, mode
+        return F.conv2d(x, weight, None, stride, padding, 1, weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        s, p, c, k = ctx.stride, ctx.padding, weight.shape[0], weight.shape[-1]
+        gx = gw = None
+        if ctx.mode == "matrix":
+            b, _, h, w = x.shape
+            taps = _tap_matrix(k, s, p, h, w, x)
+            gc = grad.transpose(0, 1).reshape(c, b, -1)  # (c, b, ho*wo)
+            if ctx.needs_input_grad[0]:
+                mat = torch.mm(weight.reshape(c, k * k), taps).view(c, gc.shape[-1], h * w)
+                gx = torch.bmm(gc, mat).view(c, b, h, w).transpose(0, 1)
+                gx = gx.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else gx.contiguous()
+            if ctx.needs_input_grad[1]:
+                outer = torch.bmm(gc.transpose(1, 2), x.transpose(0, 1).reshape(c, b, h * w))  # (c, ho*wo, h*w)
+                gw = torch.mm(outer.view(c, -1), taps.t()).view(c, 1, k, k)
+            return gx, gw, None, None, None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(grad, x, weight, None, [s, s], [p, p], [1, 1], False, [0, 0], c,
+                                                     [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            gw = _dw_weight_grad_by_batch_conv(x, grad, k, s, p)
+        return gx, gw, None, None, None
+
+
+def _batch_norm_cat(bns: list[nn.BatchNorm2d], x: torch.Tensor) -> torch.Tensor:
+    """The BNs ``bns`` applied to their consecutive channel slices of ``x`` in one call; their running statistics
+    and batch counters are updated as each BN's own forward would (same momentum, eps and mode required)."""
+    b0 = bns[0]
+    rm = torch.cat([bn.running_mean for bn in bns])
+    rv = torch.cat([bn.running_var for bn in bns])
+    out = F.batch_norm(x, rm, rv, torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns]),
+                       b0.training, b0.momentum, b0.eps)
+    if b0.training:
+        with torch.no_grad():
+            sizes = [bn.num_features for bn in bns]
+            torch._foreach_copy_([bn.running_mean for bn in bns], list(rm.split(sizes)))
+            torch._foreach_copy_([bn.running_var for bn in bns], list(rv.split(sizes)))
+            torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
+    return out
+
+
+def _depthwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a depthwise conv. On CPU with gradients, oneDNN's depthwise backward has a large cost per
+    call on small maps (measured per shape of the ``cpu`` preset, docs/hrnas.md "Speed"), so maps of <= 2x2 take
+    the ``"matrix"`` backward and 4x4 maps with kernels >= 5 the ``"batch-conv"`` weight gradient; elsewhere
+    torch's own backward is the fastest."""
+    k = conv.kernel_size[0]
+    hw = x.shape[-2] * x.shape[-1]
+    if (x.device.type != "cpu" or not torch.is_grad_enabled() or not conv.weight.requires_grad or hw > 16
+            or _hooked(conv)
+            or conv.kernel_size[1] != k or conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]
+            or conv.dilation != (1, 1) or conv.bias is not None
+            or conv.groups != conv.in_channels or conv.out_channels != conv.in_channels):
+        return conv(x)
+    if hw <= 4:
+        return _DepthwiseConvFn.apply(x, conv.weight, conv.stride[0], conv.padding[0], "matrix")
+    if k >= 5:
+        return _DepthwiseConvFn.apply(x, conv.weight, conv.stride[0], conv.padding[0], "batch-conv")
+    return conv(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # modules
 # ---------------------------------------------------------------------------------------------------------------
 class ConvBNAct(nn.Sequential):
@@ -366,6 +537,27 @@ class _EncoderLayer(nn.Module):
         self.drop, self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
 
     def forward(self, x):
+        if _REFERENCE or _hooked(self):
+            return self.forward_reference(x)
+        a = self.attn
+        # q, k, v as one product (the scale folded into q's weight), then the same attention
+        q, k, v = F.linear(x, torch.cat([a.q.weight * a.scale, a.k.weight, a.v.weight])).chunk(3, dim=-1)
+        return self._attend_feed_forward(q, k, v, x)
+
+    def _attend_feed_forward(self, q, k, v, x):
+        """The fast path after the projections: attention of ``q`` (``(b, n, d)``, or ``(n, d)`` shared by the batch)
+        over ``k``, ``v``, residual on ``x``, norm, feed-forward, residual, norm; the four dropouts' masks drawn
+        at once."""
+        a = self.attn
+        masks = _keep_masks((a.drop.p, self.drop1.p, self.drop.p, self.drop2.p), self.training, x,
+                            [(x.shape[0], q.shape[-2], k.shape[-2]), tuple(x.shape),
+                             tuple(x.shape[:-1]) + (self.linear1.out_features,), tuple(x.shape)])
+        attn = torch.matmul(_masked(torch.matmul(q, k.transpose(-2, -1)).softmax(dim=-1), masks[0]), v)
+        x = self.norm1(x + _masked(a.out(attn), masks[1]))
+        h = _masked(F.relu(self.linear1(x)), masks[2])
+        return self.norm2(x + _masked(self.linear2(h), masks[3]))
+
+    def forward_reference(self, x):
         x = self.norm1(x + self.drop1(self.attn(x, x, x)))
         return self.norm2(x + self.drop2(self.linear2(self.drop(F.relu(self.linear1(x))))))
 
@@ -375,6 +567,15 @@ class _DecoderLayer(_EncoderLayer):
     those tokens (query i refines token i), then the feed-forward part."""
 
     def forward(self, query, memory):  # type: ignore[override]
+        if _REFERENCE or _hooked(self):
+            return self.forward_reference(query, memory)
+        a = self.attn
+        # the learned queries are the same for every sample: project them once, (n, d), broadcast in the product
+        q = F.linear(query, a.q.weight * a.scale)
+        k, v = F.linear(memory, torch.cat([a.k.weight, a.v.weight])).chunk(2, dim=-1)
+        return self._attend_feed_forward(q, k, v, memory)
+
+    def forward_reference(self, query, memory):  # type: ignore[override]
         query = query.unsqueeze(0).repeat(memory.shape[0], 1, 1)  # the (n, d) queries, for every sample
         x = self.norm1(memory + self.drop1(self.attn(query, memory, memory)))
         return self.norm2(x + self.drop2(self.linear2(self.drop(F.relu(self.linear1(x))))))
@@ -393,7 +594,11 @@ class Transformer(nn.Module):
     projected by a 1x1 conv + BN to ``tokens`` tokens of dimension token_size²; an encoder layer and a decoder
     layer with learned queries process them; a 1x1 conv + BN projects back to the channels, the result is resized
     to the input size and added to the input. The BN after the projection (``input_norm``) holds the tokens'
-    scales that the token penalty acts on."""
+    scales that the token penalty acts on.
+
+    Fast path (outside :func:`reference_forward`): the encoder's q, k, v projections as one product, the decoder's
+    learned queries projected once for the whole batch, the four dropout masks of a layer drawn at once, the
+    result kept in the input's memory format."""
 
     def __init__(self, tokens: int, channels: int, token_size: int = 8, dropout: float = 0.1, bn: dict | None = None):
         super().__init__()
@@ -417,8 +622,8 @@ class Transformer(nn.Module):
         f = x if (h, w) == (s, s) else F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
         f = torch.cat([f, self.coords.unsqueeze(0).expand(b, -1, -1, -1)], dim=1)
         t = self.input_norm(self.input_proj(f)).flatten(2)  # b, n, d
-        t = self.decoder(self.query_embed, self.encoder(t))
-        f = self.reverse_norm(self.reverse_proj(t.reshape(b, self.tokens, s, s)))
+        t = self.decoder(self.query_embed, self.encoder(t)).reshape(b, self.tokens, s, s)
+        f = self.reverse_norm(self.reverse_proj(t if _REFERENCE else _same_format(t, x)))
         if (h, w) != (s, s):
             f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
         return f + x
@@ -428,7 +633,12 @@ class Block(nn.Module):
     """The searchable block (the original's ``InvertedResidualChannels``): one branch per depthwise kernel —
     1x1 expand + BN + act, k x k depthwise (stride) + BN + act, 1x1 projection — summed and batch-normed, plus the
     shortcut (identity, or a grouped 1x1 conv when the shape changes) and, on identity blocks, the transformer.
-    The BN after each depthwise conv (``ops.k<k>.1.1``) holds the channel scales the search penalises."""
+    The BN after each depthwise conv (``ops.k<k>.1.1``) holds the channel scales the search penalises.
+
+    ``forward`` runs the branches merged (:meth:`_branches_merged`: one expand conv, BN, activation, projection for
+    all branches, from their concatenated weights) and the depthwise convs through :func:`_depthwise`;
+    :meth:`forward_reference` is the module-by-module definition (used under :func:`reference_forward`, and
+    when forward hooks are registered on the branches)."""
 
     def __init__(self, spec: BlockSpec, kernel_sizes: list[int], channels: list[int], tokens: int,
                  act, bn: dict, token_size: int = 8, transformer_dropout: float = 0.1):
@@ -452,6 +662,47 @@ class Block(nn.Module):
             if spec.transformer and tokens > 0 else None
 
     def forward(self, x):
+        if _REFERENCE:
+            return self.forward_reference(x)
+        if self.identity:
+            out = self.transformer(x) if self.transformer is not None else x
+        else:
+            out = self.residual(x)
+        if self.pw_bn is None:
+            return out + self.const.view(1, -1, 1, 1)
+        if len(self.ops) > 1 and self._mergeable() and not _hooked(self.ops):
+            return out + self.pw_bn(self._branches_merged(x))
+        y = None
+        for expand, dw, proj in self.ops.values():
+            t = proj(dw[2](dw[1](_depthwise(dw[0], expand(x)))))
+            y = t if y is None else y + t
+        return out + self.pw_bn(y)
+
+    def _mergeable(self) -> bool:
+        """Whether the branches can run merged: their BNs are plain ``nn.BatchNorm2d`` (not ``SyncBatchNorm``, whose
+        statistics must go through its own forward) and agree on mode, momentum and eps (and track running
+        statistics with a fixed momentum), their activations are of one type."""
+        ops = list(self.ops.values())
+        bns = [op[i][1] for op in ops for i in (0, 1)]
+        b0 = bns[0]
+        return (all(type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and bn.momentum is not None
+                    and bn.momentum == b0.momentum
+                    and bn.eps == b0.eps and bn.training == b0.training for bn in bns)
+                and all(type(op[i][2]) is type(ops[0][i][2]) for op in ops for i in (0, 1)))
+
+    def _branches_merged(self, x):
+        """The kernel branches as one expand conv, one BN, one activation, the depthwise convs on their channel
+        slices, one BN, one activation and one projection conv (the branch sum): the same math with the branches'
+        weights concatenated."""
+        ops = list(self.ops.values())
+        h = F.conv2d(x, torch.cat([op[0][0].weight for op in ops]))
+        h = ops[0][0][2](_batch_norm_cat([op[0][1] for op in ops], h))
+        parts = h.split(self.channels, dim=1)
+        h = torch.cat([_depthwise(op[1][0], t) for op, t in zip(ops, parts)], dim=1)
+        h = ops[0][1][2](_batch_norm_cat([op[1][1] for op in ops], h))
+        return F.conv2d(h, torch.cat([op[2].weight for op in ops], dim=1))
+
+    def forward_reference(self, x):
         if self.identity:
             out = self.transformer(x) if self.transformer is not None else x
         else:
@@ -512,6 +763,12 @@ class HRNet(nn.Module):
     global pooling, dropout, linear), segmentation / keypoint (every branch upsampled to the first and
     concatenated, a block to ``last_channel``, 1x1 conv to the classes / joints, output at 1/4 of the input).
     All searchable blocks live in ``self.blocks`` (a ``ModuleDict`` keyed by block name).
+
+    ``forward`` is the fast path (on CPU in channels-last, see :attr:`channels_last`; merged kernel branches, faster
+    depthwise backward on small maps, fused attention projections); under :func:`reference_forward` it is the
+    straightforward module-by-module definition. Both have the same parameters, buffers, outputs and gradients
+    (up to float rounding; tested) and FlopCounterMode counts :func:`count_macs` on both (at batch 1; at batch b
+    the fast path projects the decoder's learned queries once, not b times).
     """
 
     def __init__(self, config: Mapping[str, Any], arch: Mapping[str, Any] | None = None):
@@ -568,8 +825,20 @@ class HRNet(nn.Module):
                     xs[b] = self.blocks[f"s{s}_b{b}_{k}"](xs[b])
         return xs
 
+    #: memory format of the fast forward: None = channels-last on CPU (measured faster for this depthwise-heavy
+    #: net; docs/hrnas.md "Speed"), else the input's; True / False force it. Not used by :func:`reference_forward`.
+    channels_last: bool | None = None
+
     def forward(self, x):
-        xs = self.features(x)
+        if _REFERENCE:
+            return self._head(self.features(x))
+        cl = self.channels_last if self.channels_last is not None else x.device.type == "cpu"
+        if cl and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self._head(self.features(x))
+        return out.contiguous() if out.dim() == 4 else out
+
+    def _head(self, xs: list[torch.Tensor]) -> torch.Tensor:
         if self.task == "classification":
             names = self.blocks.keys()
             if "head_incre0" in names:
