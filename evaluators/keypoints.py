@@ -13,7 +13,7 @@ heatmap per joint at 1/4 of the input (:mod:`retia.data.keypoints` makes the cro
   joints, AP averaged over OKS thresholds 0.50:0.05:0.95, 101-point interpolation; ``AP`` is ``stats[0]``.
 
 Training: AdamW (no weight decay on 1-d parameters), linear warmup then cosine decay per step
-(:func:`retia.evaluators.classification.warmup_cosine`). Inside an NNI trial the validation AP in % is reported
+(:func:`retia.evaluators.optim.adamw_warmup_cosine`). Inside an NNI trial the validation AP in % is reported
 after each epoch and as the final result.
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ from retia.data.keypoints import (COCO_SIGMAS, COCO_SKELETON, apply_affine, crop
                                   load_coco)
 from retia.errors import RetiaError
 
-from .classification import load_matching, make_trainer, warmup_cosine
+from .classification import load_matching, make_trainer
+from .optim import adamw_warmup_cosine
 from .reporting import ReportScoreToNNI
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")  # COCOeval.stats order
@@ -228,25 +229,15 @@ class KeypointModule(ReportScoreToNNI, LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=hp.learning_rate)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, self.trainer.max_epochs or 1)
-        warmup = int(total * min(hp.warmup_epochs, epochs) / epochs)
-        schedule = warmup_cosine(total, warmup, hp.learning_rate, min(hp.warmup_lr, hp.learning_rate),
-                                 min(hp.min_lr, hp.learning_rate))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / hp.learning_rate)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self, self.trainer, learning_rate=hp.learning_rate, weight_decay=hp.weight_decay,
+                                   warmup_epochs=hp.warmup_epochs, warmup_lr=hp.warmup_lr, min_lr=hp.min_lr)
 
 
 def keypoint_evaluator(datamodule: pl.LightningDataModule, max_epochs: int, log_dir: str | Path,
                        num_joints: int | None = None, callbacks: list[pl.Callback] | None = None,
                        accelerator: str = "auto", devices: int | str = "auto", strategy: str = "auto",
-                       precision: str | None = None, limit_train_batches: float | int | None = None,
+                       precision: str | None = None, num_nodes: int = 1, sync_batchnorm: bool = False,
+                       limit_train_batches: float | int | None = None,
                        limit_val_batches: float | int | None = None, enable_progress_bar: bool = True,
                        **module_kwargs: Any) -> Lightning:
     """An NNI ``Lightning`` evaluator training :class:`KeypointModule` on ``datamodule`` (``num_joints``
@@ -260,7 +251,8 @@ def keypoint_evaluator(datamodule: pl.LightningDataModule, max_epochs: int, log_
         if num_joints is None:
             raise RetiaError("keypoint_evaluator: pass num_joints (the datamodule has no num_joints)")
     trainer = make_trainer(max_epochs, log_dir, callbacks, accelerator=accelerator, devices=devices,
-                           strategy=strategy, precision=precision, limit_train_batches=limit_train_batches,
+                           strategy=strategy, precision=precision, num_nodes=num_nodes, sync_batchnorm=sync_batchnorm,
+                           limit_train_batches=limit_train_batches,
                            limit_val_batches=limit_val_batches, enable_progress_bar=enable_progress_bar)
     module = KeypointModule(num_joints=num_joints, **module_kwargs)
     return Lightning(module, trainer, datamodule=datamodule)

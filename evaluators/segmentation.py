@@ -11,7 +11,7 @@ of the mean, as mmsegmentation's ``nanmean`` and torchmetrics' ``MulticlassJacca
 pixel accuracy = Σ TP / labelled pixels. With no labelled pixel at all both are NaN.
 
 Training: AdamW (no weight decay on 1-d parameters: biases, BN), linear warmup then cosine decay per step
-(:func:`retia.evaluators.classification.warmup_cosine`). Inside an NNI trial the validation mIoU in % is
+(:func:`retia.evaluators.optim.adamw_warmup_cosine`). Inside an NNI trial the validation mIoU in % is
 reported after each epoch and as the final result.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ from nni.nas.evaluator.pytorch import Lightning, LightningModule
 
 from retia.errors import RetiaError
 
-from .classification import load_matching, make_trainer, warmup_cosine
+from .classification import load_matching, make_trainer
+from .optim import adamw_warmup_cosine
 from .reporting import ReportScoreToNNI
 
 IGNORE_INDEX = 255
@@ -164,25 +165,15 @@ class SegmentationModule(ReportMIoUToNNI, LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=hp.learning_rate)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, self.trainer.max_epochs or 1)
-        warmup = int(total * min(hp.warmup_epochs, epochs) / epochs)
-        schedule = warmup_cosine(total, warmup, hp.learning_rate, min(hp.warmup_lr, hp.learning_rate),
-                                 min(hp.min_lr, hp.learning_rate))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / hp.learning_rate)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self, self.trainer, learning_rate=hp.learning_rate, weight_decay=hp.weight_decay,
+                                   warmup_epochs=hp.warmup_epochs, warmup_lr=hp.warmup_lr, min_lr=hp.min_lr)
 
 
 def segmentation_evaluator(datamodule: pl.LightningDataModule, max_epochs: int, log_dir: str | Path,
                            num_classes: int | None = None, callbacks: list[pl.Callback] | None = None,
                            accelerator: str = "auto", devices: int | str = "auto", strategy: str = "auto",
-                           precision: str | None = None, limit_train_batches: float | int | None = None,
+                           precision: str | None = None, num_nodes: int = 1, sync_batchnorm: bool = False,
+                           limit_train_batches: float | int | None = None,
                            limit_val_batches: float | int | None = None, enable_progress_bar: bool = True,
                            **module_kwargs: Any) -> Lightning:
     """An NNI ``Lightning`` evaluator training :class:`SegmentationModule` on ``datamodule``
@@ -196,7 +187,8 @@ def segmentation_evaluator(datamodule: pl.LightningDataModule, max_epochs: int, 
         if num_classes is None:
             raise RetiaError("segmentation_evaluator: pass num_classes (the datamodule has no num_classes)")
     trainer = make_trainer(max_epochs, log_dir, callbacks, accelerator=accelerator, devices=devices,
-                           strategy=strategy, precision=precision, limit_train_batches=limit_train_batches,
+                           strategy=strategy, precision=precision, num_nodes=num_nodes, sync_batchnorm=sync_batchnorm,
+                           limit_train_batches=limit_train_batches,
                            limit_val_batches=limit_val_batches, enable_progress_bar=enable_progress_bar)
     module = SegmentationModule(num_classes=num_classes, **module_kwargs)
     return Lightning(module, trainer, datamodule=datamodule)

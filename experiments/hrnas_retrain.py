@@ -155,6 +155,10 @@ def epoch_rows(run, spec):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     c, source, out = parse(argv)
     hrnas_search.check_config(c)
+    devices = c.train.devices
+    if devices != 1 or c.train.num_nodes != 1:  # its run files are not written by rank 0 alone (yet)
+        raise RetiaError(f"train.devices {devices!r}, train.num_nodes {c.train.num_nodes}: hrnas_retrain.py runs in "
+                         "one process; expected 1 and 1 (DDP retraining: the evaluators, see docs/hrnas.md)")
     set_threads(c.threads)
     quiet()
     seed_everything(c.seed)

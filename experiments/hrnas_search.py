@@ -22,6 +22,11 @@ evaluator, final metric and metric name (``top1`` / ``miou`` / ``ap``). Writes t
 ``${ENV}`` variables, dotted keys, see :mod:`retia.config`) and applies command-line overrides ``--train.epochs 2``,
 ``train.epochs=2`` (the flags below work too: ``--epochs 2``). Without ``--config`` the flags below set the same
 config, whose defaults are the flags' defaults.
+
+Several processes (Lightning's DDP): ``--train.devices 2 --train.strategy ddp`` (``train.num_nodes``,
+``train.sync_batchnorm`` on GPUs, ``train.precision``, ``data.num_workers``); Lightning's launcher re-runs this
+script for the other ranks (or torchrun / SLURM start them), every rank runs the search in step, and only the global
+rank 0 writes the files above.
 """
 from __future__ import annotations
 
@@ -29,7 +34,10 @@ import argparse
 import importlib.util
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -70,7 +78,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: Optional[str] = None  # ImageFolder / CIFAR directory; None: the embedded data
-    batch_size: int = 64
+    batch_size: int = 64  # per process (under DDP each rank loads this many)
+    num_workers: int = 0  # data-loader worker processes (per rank)
 
 
 @dataclass
@@ -85,6 +94,12 @@ class TrainConfig:
     limit_train_batches: Optional[float] = None
     accelerator: str = "cpu"
     ema_decay: float = 0.0  # EMA of the weights (validated on, shrunk with the network, the result); 0: off
+    # Lightning's DDP (several processes; see docs/hrnas.md "Multi-GPU and multi-node")
+    devices: Any = 1  # per node: an int >= 1, -1 (all), "auto", or a list of GPU indices
+    strategy: str = "auto"  # one of STRATEGIES ("auto" is "ddp" for several devices)
+    num_nodes: int = 1
+    sync_batchnorm: bool = False  # SyncBatchNorm across the ranks (GPUs only)
+    precision: Optional[str] = None  # Lightning's precision, e.g. "16-mixed", "bf16-mixed"; None: 32-bit
 
 
 @dataclass
@@ -120,7 +135,16 @@ FLAG_KEYS = {
     "epoch_free": "search.epoch_free", "epoch_warmup": "search.epoch_warmup", "threshold": "search.threshold",
     "interval": "search.interval", "min_delta_macs": "search.min_delta_macs", "output": "output", "seed": "seed",
     "threads": "threads", "ema_decay": "train.ema_decay", "bn_recalibration_batches": "search.bn_recalibration_batches",
+    "devices": "train.devices", "strategy": "train.strategy", "num_nodes": "train.num_nodes",
+    "sync_batchnorm": "train.sync_batchnorm", "precision": "train.precision", "num_workers": "data.num_workers",
 }
+# Lightning strategies the shrinking search runs under: one process, or DDP started by the subprocess launcher
+# (torchrun, SLURM or Lightning re-running the script), whose wrapper ProgressiveShrinking re-wraps after a shrink.
+# ddp_spawn / fork would hand the network back to the main process by a state dict, which a shrink changes.
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true")
+PRECISIONS = ("64", "32", "16", "bf16", "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed",
+              "transformer-engine", "transformer-engine-float16")
+_BOOL_WORDS = ("true", "false", "yes", "no", "on", "off")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,9 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-train-batches", type=float, default=None, help="Lightning's limit_train_batches")
     p.add_argument("--output", default="runs/hrnas-search")
     p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--devices", type=_devices_arg, default=1,
+                   help="processes per node (DDP when > 1): an int, -1 (all GPUs), auto, or GPU indices 0,1")
+    p.add_argument("--strategy", default="auto", help=f"Lightning strategy: {', '.join(STRATEGIES)}")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes of a DDP run (SLURM / torchrun)")
+    p.add_argument("--sync-batchnorm", action="store_true", help="SyncBatchNorm across the DDP ranks (GPUs only)")
+    p.add_argument("--precision", default=None, help="Lightning precision, e.g. 16-mixed (default: 32-bit)")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes per rank")
     p.add_argument("--seed", type=int, default=0)
     add_threads_arg(p)
     return p
+
+
+def _devices_arg(text: str):
+    """--devices: ``auto``, an int, or comma-separated GPU indices (a list)."""
+    if text == "auto":
+        return text
+    try:
+        return [int(t) for t in text.split(",") if t.strip()] if "," in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an int, auto, or GPU indices such as 0,1") from None
 
 
 def parse_config(argv: list[str] | None = None):
@@ -186,6 +227,9 @@ def parse_config(argv: list[str] | None = None):
         build_parser().print_help()
         raise SystemExit(0)
     rest = [a for a in rest if a != "--no-tokens"] + (["search.tokens=false"] if "--no-tokens" in rest else [])
+    # the switch --sync-batchnorm without a value (followed by true / false it is an ordinary override)
+    rest = ["train.sync_batchnorm=true" if a in ("--sync-batchnorm", "--sync_batchnorm")
+            and (i + 1 == len(rest) or rest[i + 1].lower() not in _BOOL_WORDS) else a for i, a in enumerate(rest)]
     return load_config(path, rest, schema=HRNASSearchConfig, aliases=FLAG_KEYS)
 
 
@@ -222,10 +266,21 @@ def _device(net):
     return next(net.parameters()).device
 
 
+def _trainer_kwargs(c) -> dict[str, Any]:
+    """The Lightning trainer settings of ``train.*`` that every task's evaluator passes on."""
+    from retia.config import to_dict
+
+    t = c.train
+    return {"accelerator": t.accelerator, "devices": to_dict(c.train)["devices"], "strategy": t.strategy,
+            "num_nodes": t.num_nodes, "sync_batchnorm": t.sync_batchnorm, "precision": t.precision,
+            "limit_train_batches": t.limit_train_batches}
+
+
 def _classification_data(c, hw):
     from retia.data import build_datamodule
 
-    return build_datamodule(c.data.path, image_size=hw[0], batch_size=c.data.batch_size)
+    return build_datamodule(c.data.path, image_size=hw[0], batch_size=c.data.batch_size,
+                            num_workers=c.data.num_workers)
 
 
 def _classification_evaluator(c, datamodule, cfg, log_dir, callbacks=None):
@@ -234,9 +289,8 @@ def _classification_evaluator(c, datamodule, cfg, log_dir, callbacks=None):
     t = c.train
     return classification_evaluator(
         datamodule, num_classes=cfg["num_classes"], max_epochs=t.epochs, log_dir=log_dir, callbacks=callbacks,
-        accelerator=t.accelerator, limit_train_batches=t.limit_train_batches, learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay, warmup_epochs=t.warmup, label_smoothing=t.label_smoothing, mixup=0.0,
-        cutmix=0.0, report_to_nni=False)
+        **_trainer_kwargs(c), learning_rate=t.learning_rate, weight_decay=t.weight_decay, warmup_epochs=t.warmup,
+        label_smoothing=t.label_smoothing, mixup=0.0, cutmix=0.0, report_to_nni=False)
 
 
 def _top1(net, datamodule) -> float:
@@ -260,9 +314,10 @@ def _segmentation_data(c, hw):
         if hw[0] != hw[1]:
             raise RetiaError(f"model.input_size {list(hw)}: the embedded synthetic shapes are square; expected one "
                              "int (or a Cityscapes / ADE20K data.path)")
-        return build_segmentation_datamodule(None, image_size=hw[0], batch_size=c.data.batch_size, seed=c.seed)
+        return build_segmentation_datamodule(None, image_size=hw[0], batch_size=c.data.batch_size, seed=c.seed,
+                                             num_workers=c.data.num_workers)
     return build_segmentation_datamodule(c.data.path, image_size=list(hw), batch_size=c.data.batch_size,
-                                         seed=c.seed)
+                                         seed=c.seed, num_workers=c.data.num_workers)
 
 
 def _segmentation_evaluator(c, datamodule, cfg, log_dir, callbacks=None):
@@ -271,9 +326,8 @@ def _segmentation_evaluator(c, datamodule, cfg, log_dir, callbacks=None):
     t = c.train
     return segmentation_evaluator(
         datamodule, max_epochs=t.epochs, log_dir=log_dir, num_classes=cfg["num_classes"], callbacks=callbacks,
-        accelerator=t.accelerator, limit_train_batches=t.limit_train_batches, learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay, warmup_epochs=t.warmup, ignore_index=getattr(datamodule, "ignore_index", 255),
-        report_to_nni=False)
+        **_trainer_kwargs(c), learning_rate=t.learning_rate, weight_decay=t.weight_decay, warmup_epochs=t.warmup,
+        ignore_index=getattr(datamodule, "ignore_index", 255), report_to_nni=False)
 
 
 def _miou(net, datamodule) -> float:
@@ -298,7 +352,7 @@ def _keypoint_data(c, hw):
     # (measured in docs/hrnas.md "Keypoints"); a real COCO tree keeps the original's sigma 2 and full augmentation
     synthetic = {"sigma": 1.0, "rotation_prob": 0.0} if c.data.path is None else {}
     return build_keypoint_datamodule(c.data.path, input_size=tuple(hw), batch_size=c.data.batch_size, seed=c.seed,
-                                     **synthetic)
+                                     num_workers=c.data.num_workers, **synthetic)
 
 
 def _keypoint_evaluator(c, datamodule, cfg, log_dir, callbacks=None):
@@ -306,7 +360,7 @@ def _keypoint_evaluator(c, datamodule, cfg, log_dir, callbacks=None):
 
     t = c.train
     return keypoint_evaluator(datamodule, max_epochs=t.epochs, log_dir=log_dir, num_joints=cfg["num_classes"],
-                              callbacks=callbacks, accelerator=t.accelerator, limit_train_batches=t.limit_train_batches,
+                              callbacks=callbacks, **_trainer_kwargs(c),
                               learning_rate=t.learning_rate, weight_decay=t.weight_decay, warmup_epochs=t.warmup,
                               report_to_nni=False)
 
@@ -358,6 +412,44 @@ def check_config(c) -> None:
         raise RetiaError(f"search.bn_recalibration_batches {c.search.bn_recalibration_batches}: expected >= 0 (0: off)")
     if c.threads < 1:
         raise RetiaError(f"threads {c.threads}: expected a positive integer")
+    check_distributed(c)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_distributed(c) -> None:
+    """The Lightning / DDP keys: ``train.devices``, ``train.strategy``, ``train.num_nodes``, ``train.sync_batchnorm``,
+    ``train.precision``, ``data.num_workers`` (one line per mistake)."""
+    from retia.config import to_dict
+
+    t = c.train
+    devices = to_dict(c.train)["devices"]
+    cpu = t.accelerator == "cpu"
+    if cpu:  # Lightning counts CPU processes, it has no CPU indices
+        ok = devices == "auto" or (_is_int(devices) and devices >= 1)
+        expected = "an int >= 1 (processes) or 'auto' with train.accelerator 'cpu'"
+    else:
+        ok = (devices == "auto" or (_is_int(devices) and (devices >= 1 or devices == -1))
+              or (isinstance(devices, list) and devices and all(_is_int(d) and d >= 0 for d in devices)
+                  and len(set(devices)) == len(devices)))
+        expected = "an int >= 1, -1 (all), 'auto' or a list of distinct device indices"
+    if not ok:
+        raise RetiaError(f"train.devices {devices!r} (--devices): expected {expected}")
+    if t.strategy not in STRATEGIES:
+        raise RetiaError(f"train.strategy {t.strategy!r} (--strategy): expected one of {', '.join(STRATEGIES)} (the "
+                         "shrinking search re-wraps DDP after each shrink; spawned processes are not supported)")
+    if t.num_nodes < 1:
+        raise RetiaError(f"train.num_nodes {t.num_nodes} (--num-nodes): expected an int >= 1")
+    if t.sync_batchnorm and cpu:
+        raise RetiaError("train.sync_batchnorm true with train.accelerator 'cpu': SyncBatchNorm runs on GPUs only; "
+                         "expected false on the CPU")
+    if t.precision is not None and str(t.precision) not in PRECISIONS:
+        raise RetiaError(f"train.precision {t.precision!r} (--precision): expected null (32-bit) or one of "
+                         f"{', '.join(PRECISIONS)}")
+    if c.data.num_workers < 0:
+        raise RetiaError(f"data.num_workers {c.data.num_workers} (--num-workers): expected an int >= 0")
 
 
 def model_overrides(c, **extra) -> dict[str, Any]:
@@ -414,14 +506,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     spec, cfg, datamodule, space = build_task(c)
 
+    # Files are written by the global rank 0 only (under DDP every rank runs this whole function, the NNI experiment
+    # included): the run directory is opened at the first epoch record, which the callback gives rank 0 alone.
     out = Path(c.output)
-    run = RunDir(out)
-    (out / "config.yaml").write_text(to_yaml(c))
+    run: RunDir | None = None
+
+    def run_dir() -> RunDir:
+        nonlocal run
+        if run is None:
+            run = RunDir(out)
+            (out / "config.yaml").write_text(to_yaml(c))
+        return run
 
     def on_epoch(rec):
-        run.log_trial({"epoch": rec.epoch, "macs": rec.macs, "params": rec.params, "shrunk": rec.shrunk,
-                       spec.metric: 100 * rec.metrics.get(spec.monitor, float("nan")),
-                       "seconds": round(rec.seconds, 2)})
+        run_dir().log_trial({"epoch": rec.epoch, "macs": rec.macs, "params": rec.params, "shrunk": rec.shrunk,
+                             spec.metric: 100 * rec.metrics.get(spec.monitor, float("nan")),
+                             "seconds": round(rec.seconds, 2)})
 
     s = c.search
     strategy = ProgressiveShrinkingStrategy(
@@ -430,25 +530,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         on_epoch=on_epoch, ema_decay=c.train.ema_decay, bn_recalibration_batches=s.bn_recalibration_batches)
     evaluator = spec.evaluator(c, datamodule, cfg, out / "logs")
     experiment = NasExperiment(space, evaluator, strategy)
-    experiment.config.experiment_working_directory = str((out / "nni").resolve())
+    # NNI's own bookkeeping starts before Lightning knows the rank: the launcher's environment tells; the other
+    # ranks keep theirs in a scratch folder
+    scratch = None if launched_as_rank_zero() else tempfile.mkdtemp(prefix="retia-hrnas-nni-")
+    experiment.config.experiment_working_directory = str((out / "nni").resolve()) if scratch is None else scratch
     experiment.config.execution_engine = SequentialEngineConfig()
     experiment.config.model_format = RawModelFormatConfig()
     start = time.perf_counter()
     initial_macs = count_macs(cfg)
-    experiment.run()
+    try:
+        experiment.run()
+    finally:
+        if scratch is not None:  # stop NNI now (it would at exit, writing into the scratch folder again), drop it
+            try:
+                experiment.stop()
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - start
 
+    rank0 = evaluator.trainer.is_global_zero
     arch, net = strategy.arch, strategy.network
     macs = count_macs(cfg, arch)
     params = sum(p.numel() for p in net.parameters())
-    # the epoch's validation ran before that epoch's shrink: measure the searched network itself
-    value = spec.evaluate(net, datamodule)
+    # the epoch's validation ran before that epoch's shrink: measure the searched network itself (once: rank 0;
+    # the other ranks hold the same network)
+    value = spec.evaluate(net, datamodule) if rank0 else None
     last_val = strategy.final_metric
     m = spec.metric
-    summary = {"arch": arch, "macs": macs, "supernet_macs": initial_macs, "params": params, m: 100 * value,
+    summary = {"arch": arch, "macs": macs, "supernet_macs": initial_macs, "params": params,
+               m: None if value is None else 100 * value,
                f"{m}_before_last_shrink": None if last_val is None else 100 * last_val,
                "seconds": round(seconds, 1), "config": cfg, "task": spec.name, "metric": m,
                "ema_decay": c.train.ema_decay, "bn_recalibration_batches": strategy.callback.recalibrated}
+    if not rank0:
+        return summary
+    run = run_dir()
     run.write_json("arch.json", summary)
     (out / "best_model.json").write_text(json.dumps(to_best_model(cfg, arch)) + "\n")
     run.write_json("tokens.json", tokens_list(cfg, arch))
@@ -457,6 +573,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"searched: {macs / 1e6:.2f}M MACs (supernet {initial_macs / 1e6:.2f}M), {params / 1e6:.3f}M params, "
           f"{_metric_text(spec, summary[m])} in {seconds:.0f} s -> {out}")
     return summary
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether the launcher's environment makes this process the global rank 0, before Lightning sets up the process
+    group: torchrun's ``RANK``, SLURM's ``SLURM_PROCID``, or for the processes Lightning's own launcher starts (and
+    the nodes of a manual multi-node run) ``NODE_RANK`` / ``LOCAL_RANK``, all 0 or unset. Only for what happens
+    before training starts; afterwards ``trainer.is_global_zero`` decides."""
+    names = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK")
+    return all(os.environ.get(name, "").strip() in ("", "0") for name in names)
 
 
 def _metric_text(spec: TaskSpec, percent: float) -> str:

@@ -35,6 +35,13 @@ Two optional parts of the original's training loop (``train.py``, ``utils/optim.
   final network's BN running statistics are reset and re-estimated as the plain average over that many
   training batches (``momentum=None``; the original's ``bn_calibration``), since the shrunk network's
   activations no longer match statistics collected while it was bigger.
+
+Under DDP (Lightning's ``strategy="ddp"``, several processes) every rank runs the callback: the keep decision is
+rank 0's (broadcast before each shrink, so the ranks cannot disagree even if their scales drifted), the smaller
+network gets SyncBatchNorm layers when the trainer syncs BN, Lightning's ``DistributedDataParallel`` wrapper is
+rebuilt around the new parameters (the old one would go on reducing the gradients of the removed network), and
+when training ends the final network's buffers (BN statistics — averaged over the ranks after a recalibration —
+and constants) are made rank 0's. ``on_epoch`` is called on rank 0 only, so what it writes is written once.
 """
 from __future__ import annotations
 
@@ -56,7 +63,8 @@ _logger = logging.getLogger(__name__)
 EPS = 1e-5  # the original's guard in the normaliser's denominator
 
 __all__ = ["ResourcePenalty", "rho_schedule", "shrink_keep", "union_keep", "shrink", "remap_optimizer", "ModelEMA",
-           "WeightEMA", "recalibrate_bn", "ProgressiveShrinking", "ProgressiveShrinkingStrategy"]
+           "WeightEMA", "recalibrate_bn", "broadcast_keep", "rewrap_ddp", "sync_buffers", "ProgressiveShrinking",
+           "ProgressiveShrinkingStrategy"]
 MONITORS = ("val_top1", "val_miou", "val_ap")  # the validation metrics the strategy reports, first one logged
 
 
@@ -226,6 +234,76 @@ def _set_model(pl_module, net: nn.Module) -> None:
         pl_module.model = net
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# DDP: one keep decision, the wrapper rebuilt after a swap, the final buffers made equal
+# ---------------------------------------------------------------------------------------------------------------
+def _world_size(trainer) -> int:
+    return int(getattr(trainer, "world_size", 1) or 1)
+
+
+def _is_global_zero(trainer) -> bool:
+    return bool(getattr(trainer, "is_global_zero", True))
+
+
+def broadcast_keep(trainer, keep: hnet.Keep) -> hnet.Keep:
+    """Rank 0's ``keep`` on every rank (through ``trainer.strategy.broadcast``; unchanged in one process), so all
+    ranks cut the same units even where their scales differ (they do not while the gradients are all-reduced, but
+    nothing else guarantees it)."""
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is None or _world_size(trainer) <= 1:
+        return keep
+    plain = {block: {key: [int(i) for i in idx.tolist()] for key, idx in entry.items()}
+             for block, entry in keep.items()}
+    plain = strategy.broadcast(plain, src=0)
+    return {block: {key: torch.tensor(idx, dtype=torch.long) for key, idx in entry.items()}
+            for block, entry in plain.items()}
+
+
+def _sync_layers(trainer, net: nn.Module) -> nn.Module:
+    """``net`` with SyncBatchNorm layers when the trainer converted the model's BNs (``sync_batchnorm=True``); the
+    parameters stay the same objects."""
+    layer_sync = getattr(getattr(trainer, "strategy", None), "_layer_sync", None)
+    return layer_sync.apply(net) if layer_sync is not None else net
+
+
+def rewrap_ddp(trainer) -> bool:
+    """After the Lightning module's network was replaced: wrap the module in a new ``DistributedDataParallel``
+    (Lightning's own ``configure_ddp``: the same DDP arguments, communication hooks registered again), whose reducer
+    knows the new parameters; its constructor also broadcasts rank 0's parameters and buffers. Returns whether
+    there was a DDP wrapper to rebuild."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is None or not isinstance(getattr(strategy, "model", None), DistributedDataParallel):
+        return False
+    if not hasattr(strategy, "configure_ddp"):
+        raise RuntimeError(f"progressive shrinking: {type(strategy).__name__} wraps the model in "
+                           "DistributedDataParallel but cannot re-wrap it after a shrink (use strategy='ddp')")
+    strategy.model = strategy.lightning_module
+    strategy.configure_ddp()
+    return True
+
+
+@torch.no_grad()
+def sync_buffers(trainer, net: nn.Module, average_bn: bool = False) -> bool:
+    """Make ``net``'s buffers equal on every rank: BN running mean / variance averaged over the ranks first when
+    ``average_bn`` (each rank estimated them on its own batches), then every buffer broadcast from rank 0.
+    Parameters are left alone (DDP keeps them equal). Returns whether anything was communicated."""
+    import torch.distributed as dist
+
+    if _world_size(trainer) <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return False
+    if average_bn:
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                for t in (m.running_mean, m.running_var):
+                    dist.all_reduce(t)
+                    t.div_(dist.get_world_size())
+    for t in net.buffers():
+        dist.broadcast(t, src=0)
+    return True
+
+
 class ModelEMA:
     """Exponential moving average of ``net``'s parameters and BN running statistics, kept in a frozen copy
     :attr:`net` (the original's ``ExponentialMovingAverage`` over ``named_parameters`` + ``running_mean`` /
@@ -385,7 +463,8 @@ class ProgressiveShrinking(pl.Callback):
     result at the end — see the module docstring); ``bn_recalibration_batches`` > 0: re-estimate the final
     network's BN statistics on that many training batches when training ends (:func:`recalibrate_bn`).
     ``history`` holds one :class:`ShrinkRecord` per epoch (MACs after that epoch's shrink, validation metrics);
-    ``recalibrated``: the batches the BN recalibration used.
+    ``on_epoch(record)`` is called with each (on the global rank 0 only); ``recalibrated``: the batches the BN
+    recalibration used. Works under Lightning's DDP (see the module docstring).
     """
 
     def __init__(self, rho: float = 5e-3, epoch_free: float = 0, epoch_warmup: float = 2, threshold: float = 1e-3,
@@ -426,7 +505,7 @@ class ProgressiveShrinking(pl.Callback):
         self._t0 = time.perf_counter()
         record = ShrinkRecord(-1, hnet.count_macs(net.config, net.arch), _params(net), dict(net.arch))
         self.history.append(record)
-        if self.on_epoch is not None:
+        if self.on_epoch is not None and _is_global_zero(trainer):
             self.on_epoch(record)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -458,6 +537,8 @@ class ProgressiveShrinking(pl.Callback):
             if loader is None:
                 raise RetiaError("BN recalibration: the trainer has no training data")
             self.recalibrated = recalibrate_bn(self._net(pl_module), loader, self.bn_recalibration_batches)
+        # DDP: the ranks' BN statistics (and an EMA's) came from their own batches; the result is one network
+        sync_buffers(trainer, self._net(pl_module), average_bn=bool(self.recalibrated))
 
     def on_train_epoch_end(self, trainer, pl_module):
         net = self._net(pl_module)
@@ -472,7 +553,7 @@ class ProgressiveShrinking(pl.Callback):
                               shrunk, time.perf_counter() - self._t0)
         self.history.append(record)
         pl_module.log("macs", float(record.macs), prog_bar=True)
-        if self.on_epoch is not None:
+        if self.on_epoch is not None and _is_global_zero(trainer):
             self.on_epoch(record)
 
     def keep(self, net: hnet.HRNet, final: bool = False) -> hnet.Keep:
@@ -488,7 +569,7 @@ class ProgressiveShrinking(pl.Callback):
         """Shrink ``pl_module.model`` (and its EMA) now; returns whether anything was removed. ``force``: the last
         shrink (done whatever ``min_delta_macs`` says; with the EMA on, the average alone picks the units)."""
         old = self._net(pl_module)
-        keep = self.keep(old, final=force)
+        keep = broadcast_keep(trainer, self.keep(old, final=force))  # under DDP: rank 0's decision on every rank
         arch = hnet.arch_of_keep(old, keep)
         before, after = hnet.count_macs(old.config, old.arch), hnet.count_macs(old.config, arch)
         if arch == old.arch or (before - after < self.min_delta_macs and not force):
@@ -496,7 +577,6 @@ class ProgressiveShrinking(pl.Callback):
         new = hnet.extract(old, keep)
         for optimizer in trainer.optimizers:
             remap_optimizer(optimizer, old, new, keep)
-        _set_model(pl_module, new)
         if self.ema is not None and self.ema.ema is not None:
             self.ema.ema.shrink(keep)
         if self.verify:
@@ -506,6 +586,8 @@ class ProgressiveShrinking(pl.Callback):
             if not (measured == after < before):
                 raise RuntimeError(f"shrinking bookkeeping: FlopCounterMode {measured}, closed form {after}, "
                                    f"before {before}")
+        _set_model(pl_module, _sync_layers(trainer, new))
+        rewrap_ddp(trainer)  # under DDP: a reducer that knows the new parameters
         _logger.info("shrunk: %d -> %d MACs", before, after)
         return True
 

@@ -99,6 +99,25 @@ def test_classification_search_keeps_its_files_and_columns(tmp_path):
     (["--config", str(CONFIGS / "cls_cpu.yml"), "model.preset=seg_cityscapes"],
      "task 'classification' but model.preset 'seg_cityscapes' is a segmentation network"),
     (["--config", str(CONFIGS / "seg_cpu.yml"), "data.path=/nonexistent/cityscapes"], "/nonexistent/cityscapes"),
+    # the Lightning / DDP keys
+    (["--devices", "0"], "train.devices 0 (--devices): expected an int >= 1 (processes) or 'auto' with "
+                         "train.accelerator 'cpu'"),
+    (["--config", str(CONFIGS / "cls_cpu.yml"), "train.devices=[0, 1]"], "train.devices [0, 1] (--devices): expected "
+                                                                          "an int >= 1 (processes)"),
+    (["--accelerator", "gpu", "--devices", "0,0"], "train.devices [0, 0] (--devices): expected an int >= 1, -1 (all), "
+                                                   "'auto' or a list of distinct device indices"),
+    (["--config", str(CONFIGS / "cls_cpu.yml"), "train.accelerator=gpu", "train.devices=true"],
+     "train.devices True (--devices): expected"),
+    (["--strategy", "ddp_spawn"], "train.strategy 'ddp_spawn' (--strategy): expected one of auto, ddp, "
+                                  "ddp_find_unused_parameters_false, ddp_find_unused_parameters_true"),
+    (["--config", str(CONFIGS / "cls_cpu.yml"), "train.strategy=fsdp"], "train.strategy 'fsdp' (--strategy)"),
+    (["--num-nodes", "0"], "train.num_nodes 0 (--num-nodes): expected an int >= 1"),
+    (["--config", str(CONFIGS / "cls_cpu.yml"), "train.num_nodes=two"], "train.num_nodes"),
+    (["--sync-batchnorm"], "train.sync_batchnorm true with train.accelerator 'cpu': SyncBatchNorm runs on GPUs only"),
+    (["--config", str(CONFIGS / "cls_cpu.yml"), "--sync-batchnorm"],
+     "train.sync_batchnorm true with train.accelerator"),
+    (["--precision", "fp8"], "train.precision 'fp8' (--precision): expected null (32-bit) or one of 64, 32, 16,"),
+    (["--num-workers", "-1"], "data.num_workers -1 (--num-workers): expected an int >= 0"),
 ])
 def test_search_config_errors_are_one_line(argv, words, capsys, tmp_path):
     from retia.cli import run_main
@@ -122,6 +141,132 @@ def test_task_table_and_keypoint_availability():
         with pytest.raises(RetiaError, match="^task 'keypoint' is not available yet "
                                              r"\(available: classification, segmentation\)$"):
             hrnas_search.check_config(c)
+
+
+def test_ddp_keys_parse_and_reach_the_lightning_trainer(tmp_path):
+    """train.devices / strategy / num_nodes / precision and data.num_workers from the flags and from a config (old
+    flags as aliases, the bare --sync-batchnorm switch), and each task's evaluator builds its Trainer with them;
+    num_nodes / sync_batchnorm go through the three evaluator helpers."""
+    from pytorch_lightning.plugins.layer_sync import TorchSyncBatchNorm
+    from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from retia.evaluators.classification import classification_evaluator
+    from retia.evaluators.segmentation import segmentation_evaluator
+
+    default = hrnas_search.parse_config([])
+    assert (default.train.devices, default.train.strategy, default.train.num_nodes, default.train.sync_batchnorm,
+            default.train.precision, default.data.num_workers) == (1, "auto", 1, False, None, 0)
+    flags = hrnas_search.parse_config(["--devices", "2", "--strategy", "ddp", "--num-nodes", "3", "--num-workers", "2",
+                                       "--precision", "bf16-mixed"])
+    hrnas_search.check_config(flags)
+    assert hrnas_search._trainer_kwargs(flags) == {
+        "accelerator": "cpu", "devices": 2, "strategy": "ddp", "num_nodes": 3, "sync_batchnorm": False,
+        "precision": "bf16-mixed", "limit_train_batches": None}
+    assert flags.data.num_workers == 2
+    c = hrnas_search.parse_config(["--config", str(CONFIGS / "cls_cpu.yml"), "--devices", "2", "--sync-batchnorm",
+                                   "train.accelerator=gpu", "train.strategy=ddp", "--num-workers=3",
+                                   "train.precision=16-mixed"])
+    hrnas_search.check_config(c)
+    assert (c.train.devices, c.train.sync_batchnorm, c.data.num_workers, c.train.precision) == (2, True, 3, "16-mixed")
+    assert hrnas_search.parse_config(["--config", str(CONFIGS / "cls_cpu.yml"),
+                                      "--sync-batchnorm", "false"]).train.sync_batchnorm is False
+    gpus = hrnas_search.parse_config(["--accelerator", "gpu", "--devices", "0,1"])
+    hrnas_search.check_config(gpus)
+    assert hrnas_search._trainer_kwargs(gpus)["devices"] == [0, 1]
+
+    c = hrnas_search.parse_config(["--devices", "2", "--strategy", "ddp", "--num-workers", "1"])
+    spec, cfg, dm, _ = hrnas_search.build_task(c, build_space=False)
+    assert dm.num_workers == 1
+    trainer = spec.evaluator(c, dm, cfg, tmp_path / "logs").trainer  # built, not run: nothing is launched
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2 and trainer.num_nodes == 1
+    assert trainer.strategy._layer_sync is None
+    one = hrnas_search.parse_config([])
+    assert isinstance(spec.evaluator(one, dm, cfg, tmp_path / "logs").trainer.strategy, SingleDeviceStrategy)
+    for make, kwargs in ((classification_evaluator, {"num_classes": 10}), (segmentation_evaluator, {"num_classes": 4})):
+        ev = make(dm, max_epochs=1, log_dir=tmp_path / "logs", accelerator="cpu", devices=2, strategy="ddp",
+                  num_nodes=2, sync_batchnorm=True, **kwargs)
+        assert ev.trainer.num_nodes == 2 and isinstance(ev.trainer.strategy._layer_sync, TorchSyncBatchNorm)
+    try:
+        from retia.evaluators.keypoints import keypoint_evaluator
+    except ImportError:  # the keypoint extra is not installed
+        return
+    ev = keypoint_evaluator(dm, max_epochs=1, log_dir=tmp_path / "logs", num_joints=17, accelerator="cpu", devices=2,
+                            strategy="ddp", num_nodes=2, sync_batchnorm=True)
+    assert ev.trainer.num_nodes == 2 and isinstance(ev.trainer.strategy._layer_sync, TorchSyncBatchNorm)
+
+
+@pytest.mark.slow
+def test_shrinking_search_under_ddp_on_two_cpu_processes(tmp_path):
+    """experiments/hrnas_search.py with train.devices=2 train.strategy=ddp on the CPU (gloo; Lightning's launcher
+    re-runs tests/ddp_hrnas_search.py for rank 1), 3 epochs of 2 steps, a shrink after every epoch (threshold 0.99),
+    EMA and BN recalibration on: both ranks shrink to the same arch, their parameters are bit-identical at the end of
+    every epoch — also after training through a rebuilt DDP wrapper — and their final networks (buffers included)
+    too; after each shrink DDP wraps exactly the new parameters; the MACs went down and equal the closed form;
+    the saved weights are the ranks' final ones; only rank 0 wrote files under the output directory."""
+    import hashlib
+    import os
+    import subprocess
+
+    from retia.spaces.hrnas import count_macs
+    from retia.weights import load_weights
+
+    out, ranks_dir = tmp_path / "run", tmp_path / "ranks"
+    scratch = tmp_path / "tmp"  # the ranks' temporary folders
+    scratch.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore", TMPDIR=str(scratch))
+    for name in ("MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID",
+                 "SLURM_NTASKS", "SLURM_JOB_ID"):
+        env.pop(name, None)
+    cmd = [sys.executable, str(ROOT / "tests" / "ddp_hrnas_search.py"), "--ranks", str(ranks_dir),
+           "--config", str(CONFIGS / "cls_cpu.yml"), "train.devices=2", "train.strategy=ddp", "train.accelerator=cpu",
+           "train.epochs=3", "train.limit_train_batches=2", "train.warmup=0", "search.epoch_warmup=0",
+           "search.threshold=0.99", "search.interval=1", "train.ema_decay=0.9", "search.bn_recalibration_batches=2",
+           "threads=1", "--output", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (json.loads((ranks_dir / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (r0["rank"], r1["rank"], r0["world_size"], r1["world_size"]) == (0, 1, 2, 2)
+    assert r0["wrapper"] == r1["wrapper"] == "DistributedDataParallel"
+    # same parameters on both ranks at the end of every epoch (before its shrink), changed by training
+    assert [e["epoch"] for e in r0["epochs"]] == [e["epoch"] for e in r1["epochs"]] == [0, 1, 2]
+    assert r0["initial_sha"] == r1["initial_sha"]
+    for e0, e1 in zip(r0["epochs"], r1["epochs"]):
+        assert e0["arch"] == e1["arch"] and e0["params_sha"] == e1["params_sha"] != r0["initial_sha"], e0["epoch"]
+    # a shrink before the last epoch, so the ranks trained an epoch through the rebuilt wrapper (checked above)
+    assert [s["epoch"] for s in r0["shrinks"]] == [s["epoch"] for s in r1["shrinks"]] and r0["shrinks"][0]["epoch"] < 2
+    first = r0["shrinks"][0]["epoch"]
+    assert r0["epochs"][first + 1]["arch"] == r0["shrinks"][0]["arch"]  # the next epoch trained the shrunk network
+    for s0, s1 in zip(r0["shrinks"], r1["shrinks"]):
+        assert s0["arch"] == s1["arch"]
+        for s in (s0, s1):  # the DDP wrapper after a shrink: new, around the module, exactly the new parameters
+            assert s["ddp"] and s["new_wrapper"] and s["wraps_module"] and s["wrapped_are_module_params"]
+            assert s["reducer_params"] and s["net_params_wrapped"] and not s["old_params_wrapped"]
+            assert s["wrapped_numel"] == s["net_numel"]
+    # the final networks: one arch, bit-identical state (parameters and buffers), fewer MACs = the closed form
+    f0, f1 = r0["final"], r1["final"]
+    assert f0["arch"] == f1["arch"] and f0["state_sha"] == f1["state_sha"] and f0["params_sha"] == f1["params_sha"]
+    assert f0["recalibrated"] == f1["recalibrated"] == 2
+    summary = json.loads((out / "arch.json").read_text())
+    cfg = summary["config"]
+    assert summary["arch"] == f0["arch"] == r1["summary"]["arch"]
+    assert summary["macs"] == f0["macs"] == count_macs(cfg, f0["arch"]) < summary["supernet_macs"] == count_macs(cfg)
+    assert r0["shrinks"][0]["macs"] < summary["supernet_macs"]
+    assert 0 <= summary["top1"] <= 100 and r1["summary"]["top1"] is None  # measured once, by rank 0
+    h = hashlib.sha256()  # the saved weights are the ranks' final network
+    for name, tensor in sorted(load_weights(out / "searched.safetensors").items()):
+        h.update(name.encode())
+        h.update(tensor.contiguous().numpy().tobytes())
+    assert h.hexdigest() == f0["state_sha"]
+    # files: rank 0 wrote the run, rank 1 nothing under the output directory; one row per epoch, written once
+    assert r1["writes"] == []
+    assert {"config.yaml", "trials.jsonl", "arch.json", "best_model.json", "tokens.json", "searched.json",
+            "macs.png", "accuracy.png"} <= set(r0["writes"])
+    rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [-1, 0, 1, 2] and rows[-1]["macs"] == summary["macs"]
+    assert len([p for p in (out / "nni").iterdir() if p.is_dir()]) == 1  # rank 0's NNI experiment only
+    # rank 1 kept NNI's bookkeeping in a scratch folder, and removed it
+    assert r0["scratch"] == [] and len(r1["scratch"]) == 1 and r1["scratch"][0].startswith(str(scratch))
+    assert not list(scratch.glob("retia-hrnas-nni-*"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,6 +324,8 @@ def test_retrain_input_errors_are_one_line(tmp_path, capsys):
         (["--arch", str(tmp_path / "bad.json"), "--best-model", str(tmp_path / "bad.json")],
          "--arch and --best-model: expected one of them"),
         (["--best-model", str(tmp_path / "bad.json")], "best_model"),
+        (["--arch", str(tmp_path / "bad.json"), "--train.devices", "2"],
+         "train.devices 2, train.num_nodes 1: hrnas_retrain.py runs in one process; expected 1 and 1"),
     ]
     for argv, words in cases:
         with pytest.raises(SystemExit) as ex:

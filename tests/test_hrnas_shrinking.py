@@ -362,3 +362,49 @@ def test_callback_with_ema_and_bn_recalibration_in_lightning(tmp_path):
     assert all(int(m.num_batches_tracked) == 2 for m in final.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert count_flops(final, (1, 3, 32, 32)) == hrnas.count_macs(cfg, final.arch)
     assert "val_top1" in cb.history[-1].metrics
+
+
+def test_shrink_takes_rank_0_keep_and_calls_on_epoch_on_rank_0_only():
+    """Under DDP the keep decision is rank 0's: apply_shrink broadcasts its own keep (as lists, from src 0) and cuts
+    what comes back — here a rank-0 keep with fewer channels than this rank's scales say; in one process nothing is
+    broadcast. No DDP wrapper: nothing to re-wrap. on_epoch runs on the global rank 0 only."""
+    from types import SimpleNamespace
+
+    cfg = hrnas.preset("tiny")
+    net = _net_with_dead_units(cfg)
+    local = hs.shrink_keep(net, 1e-3)
+    rank0 = {b: dict(e) for b, e in local.items()}
+    rank0["s0_fuse0_0"]["k3"] = local["s0_fuse0_0"]["k3"][:2]  # rank 0 removes more of this branch
+    plain = lambda keep: {b: {k: v.tolist() for k, v in e.items()} for b, e in keep.items()}  # noqa: E731
+
+    class Strategy:
+        model = None
+        sent = None
+
+        def broadcast(self, obj, src=0):
+            self.sent = (obj, src)
+            return plain(rank0)
+
+    trainer = SimpleNamespace(optimizers=[], world_size=2, is_global_zero=False, strategy=Strategy())
+    module = SimpleNamespace(model=net)
+    cb = hs.ProgressiveShrinking(threshold=1e-3)
+    assert cb.apply_shrink(trainer, module)
+    assert trainer.strategy.sent == (plain(local), 0)
+    assert module.model.arch == hnet.arch_of_keep(net, rank0) != hnet.arch_of_keep(net, local)
+    assert module.model.arch["s0_fuse0_0.k3"] == 2
+    assert not hs.rewrap_ddp(trainer)  # not a DistributedDataParallel: left alone
+
+    single = SimpleNamespace(optimizers=[], world_size=1, strategy=Strategy())
+    module = SimpleNamespace(model=_net_with_dead_units(cfg))
+    assert cb.apply_shrink(single, module) and single.strategy.sent is None
+    assert module.model.arch == hnet.arch_of_keep(net, local)
+    assert not hs.sync_buffers(single, module.model)  # one process: nothing to make equal
+
+    seen = []
+    cb = hs.ProgressiveShrinking(on_epoch=seen.append)
+    rank1 = SimpleNamespace(is_global_zero=False, num_training_batches=2, global_step=0)
+    cb.on_fit_start(rank1, SimpleNamespace(model=hrnas.HRNet(cfg)))
+    assert seen == [] and len(cb.history) == 1
+    cb.on_fit_start(SimpleNamespace(is_global_zero=True, num_training_batches=2, global_step=0),
+                    SimpleNamespace(model=hrnas.HRNet(cfg)))
+    assert [r.epoch for r in seen] == [-1]
