@@ -143,6 +143,43 @@ def test_task_table_and_keypoint_availability():
             hrnas_search.check_config(c)
 
 
+@pytest.mark.slow
+def test_keypoint_search_shrinks_with_its_config(tmp_path, monkeypatch):
+    """keypoint_cpu.yml's penalty really removes units (it used to remove none: ρ 5e-3 swamped the heatmap loss's
+    ~1e-6 gradients on the BN scales and lr 5e-3 x 256 steps could not bring a scale from 1 to 0). Cut to ~50 s:
+    32x24 inputs and 24 of the 32 batches per epoch at 4/3 of the config's rate (the same lr x steps a scale can
+    travel), the config's ρ, threshold, interval and 8 epochs. Measured: 9.50M -> 6.10M MACs; the old lr 5e-3 and
+    ρ 5e-3 cut the same way keep all 9.50M (16 batches at twice the rate: 8.40M, too few steps)."""
+    if not hrnas_search.TASKS["keypoint"].available():
+        pytest.skip("the keypoint task needs retia.data.keypoints / retia.evaluators.keypoints (pycocotools)")
+    from retia.profile import count_flops
+    from retia.spaces.hrnas import count_macs
+
+    monkeypatch.setenv("RETIA_CACHE", str(tmp_path / "cache"))  # the synthetic people, written once
+    config = CONFIGS / "keypoint_cpu.yml"
+    lr = hrnas_search.parse_config(["--config", str(config)]).train.learning_rate
+    argv = ["--config", str(config), "--model.input_size", "[32, 24]", "--train.limit_train_batches", "24",
+            "--train.learning_rate", str(lr * 4 / 3), "--search.bn_recalibration_batches", "2"]
+    out = tmp_path / "kp"
+    summary = hrnas_search.main(argv + ["--output", str(out)])
+    for name in ("arch.json", "best_model.json", "searched.safetensors", "trials.jsonl", "macs.png", "ap.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "accuracy.png").exists() and not (out / "miou.png").exists()
+    cfg, arch = summary["config"], summary["arch"]
+    assert cfg["task"] == "keypoint" and cfg["num_classes"] == 17 and cfg["input_size"] == [32, 24]
+    # units removed (a clear share), not all of them; closed form == FlopCounterMode on the saved network
+    net, meta = _reload(out)
+    assert meta["arch"] == arch and summary["macs"] == count_macs(cfg, arch) == count_flops(net, (1, 3, 32, 24))
+    assert 0.2 * summary["supernet_macs"] < summary["macs"] < 0.8 * summary["supernet_macs"], summary["macs"]
+    rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(-1, 8)) and all("ap" in r for r in rows)
+    assert rows[-1]["shrunk"] and rows[-1]["macs"] == summary["macs"]
+    # the AP of the searched network is a fresh COCOeval of the saved weights
+    c = hrnas_search.parse_config(argv)
+    _, _, datamodule, _ = hrnas_search.build_task(c, build_space=False)
+    assert 100 * hrnas_search._keypoint_ap(net, datamodule) == pytest.approx(summary["ap"], abs=1e-9)
+
+
 def test_ddp_keys_parse_and_reach_the_lightning_trainer(tmp_path):
     """train.devices / strategy / num_nodes / precision and data.num_workers from the flags and from a config (old
     flags as aliases, the bare --sync-batchnorm switch), and each task's evaluator builds its Trainer with them;
