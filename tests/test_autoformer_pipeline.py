@@ -78,13 +78,27 @@ def test_params_limits_hold_for_every_trial(tmp_path):
     (["--min-params", "1M", "--max-params", "10k"], "min 1e+06 > max 10000"),
     (["--weights", "/nonexistent/super.safetensors"], "does not exist"),
 ])
-def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    """In process, through the scripts' own ``run_main`` (the script's exit path is checked once below)."""
+    from retia.cli import run_main
+    from retia.experiments import autoformer_search
+
     if "--output" not in argv:
         argv = argv + ["--output", str(tmp_path / "r")]
-    out = subprocess.run(SEARCH + argv + ["--epochs", "1"], capture_output=True, text=True, timeout=300)
+    with pytest.raises(SystemExit) as exc:
+        run_main(autoformer_search.main, argv + ["--epochs", "1"])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").glob("trials*"))
+
+
+def test_bad_input_from_the_script_is_one_line_and_exit_2(tmp_path):
+    out = subprocess.run(SEARCH + ["--min-params", "1M", "--max-params", "10k", "--output", str(tmp_path / "r"),
+                                   "--epochs", "1"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, out.stderr[-1500:]
+    assert last.startswith("error: ") and "min 1e+06 > max 10000" in last, out.stderr[-1500:]
 
 
 @pytest.mark.slow

@@ -430,8 +430,9 @@ def test_plot_coco_writes_a_png(tmp_path, synthetic_root):
 # ------------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_hrnas_tiny_learns_synthetic_keypoints(tmp_path):
-    """The CPU recipe of docs/hrnas.md: 8 epochs of 32 steps (batch 8) on the 256 synthetic people, σ = 1
-    heatmaps, light augmentation. Measured: val AP 0.307, AP50 0.711 (untrained: 0.0); the bars are half."""
+    """The CPU recipe of docs/hrnas.md shortened: 5 epochs of 32 steps (batch 8, lr 1e-2 as keypoint_cpu.yml) on
+    the 256 synthetic people, σ = 1 heatmaps, light augmentation. Measured: val AP 0.213, AP50 0.687 (untrained:
+    0.0); the bars are half."""
     import pytorch_lightning as pl
 
     from retia.spaces import hrnas
@@ -441,10 +442,10 @@ def test_hrnas_tiny_learns_synthetic_keypoints(tmp_path):
                                    rotation_prob=0.0)
     net = hrnas.HRNet(hrnas.preset("tiny", task="keypoint", num_classes=17, input_size=[64, 48]))
     before = evaluate_keypoints(net, dm)
-    ev = keypoint_evaluator(dm, max_epochs=8, log_dir=tmp_path / "logs", accelerator="cpu",
-                            enable_progress_bar=False, learning_rate=5e-3)
+    ev = keypoint_evaluator(dm, max_epochs=5, log_dir=tmp_path / "logs", accelerator="cpu",
+                            enable_progress_bar=False, learning_rate=1e-2)
     ev.evaluate(net)
     after = ev.module.last_scores
     assert before["AP"] < 0.01 and before["AP50"] < 0.05, before
-    assert after["AP"] > 0.15 and after["AP50"] > 0.35, after
+    assert after["AP"] > 0.10 and after["AP50"] > 0.34, after
     assert evaluate_keypoints(net, dm)["AP"] == pytest.approx(after["AP"])
