@@ -1,15 +1,17 @@
 """AIO-P end to end: labelled families, a GNN predictor, baselines, predictor-guided search, and (``--downstream``)
-a segmentation family as the held-out downstream target.
+HR-NAS segmentation and / or keypoint families as held-out downstream targets.
 
 ``python experiments/aiop_predictor.py`` (no arguments):
 
 1. builds (or resumes) two labelled families in ``<output>/families/`` (:mod:`retia.evaluators.aiop.family`): 32
    AutoFormer-micro subnets and 32 small Zen-NAS nets, each trained 2 epochs on the embedded digits (label: top-1
    %); ``--downstream`` adds 32 HR-NAS ``tiny`` segmentation nets trained on the embedded synthetic shapes (label:
-   mIoU, a fraction; ~4x the CPU time of a digits family, hence not in the default). Each family uses its own
-   recipe; ``--epochs`` / ``--lr`` override it for all;
+   mIoU, a fraction; ~4x the CPU time of a digits family, hence not in the default), ``--downstream hrnas-kp``
+   32 HR-NAS ``tiny`` keypoint nets trained on the embedded synthetic people (label: COCO OKS AP, a fraction)
+   instead, ``--downstream hrnas-seg,hrnas-kp`` both. Each family uses its own recipe; ``--epochs`` / ``--lr``
+   override it for all;
 2. for each family as the held-out target: trains the GNN predictor on the *classification* families other than
-   the target (for the segmentation family: AutoFormer + Zen-NAS, AIO-P's downstream-task setting), fine-tunes it
+   the target (for a downstream family: AutoFormer + Zen-NAS, AIO-P's downstream-task setting), fine-tunes it
    on 20 archs of the target (AIO-P's ``family#20``; 50 epochs, batch 4; the normaliser and the graph-level
    feature statistics are refitted there) and scores it on the rest (12), for every ``--seeds``; the zero-shot
    transfer (no fine-tuning) is reported too. The GNN's head also sees log FLOPs, log params and log node count
@@ -47,18 +49,20 @@ from retia.results import RunDir
 
 METRICS = ("srcc", "kendall", "mae", "mape")
 DEFAULT_FAMILIES = "autoformer,zennas"
-DOWNSTREAM = "hrnas-seg"
+DOWNSTREAM = ("hrnas-seg", "hrnas-kp")  # the downstream-task families; a bare --downstream adds the first
 DEFAULT_GRAPH_FEATURES = "flops,params,nodes"
-METRIC_TEXT = {"top1": "top-1 (%)", "miou": "mIoU"}
+METRIC_TEXT = {"top1": "top-1 (%)", "miou": "mIoU", "ap": "OKS AP"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--families", default=DEFAULT_FAMILIES,
                    help=f"comma-separated family spaces ({', '.join(SPACES)}; default: %(default)s)")
-    p.add_argument("--downstream", action="store_true",
-                   help=f"add the downstream family {DOWNSTREAM!r} (HR-NAS segmentation on synthetic shapes) as a "
-                        "held-out target of the GNN trained on the classification families")
+    p.add_argument("--downstream", nargs="?", const=DOWNSTREAM[0], default=None, metavar="FAMILIES",
+                   help="add downstream families as held-out targets of the GNN trained on the classification "
+                        f"families: comma-separated from {', '.join(DOWNSTREAM)} (hrnas-seg: HR-NAS segmentation on "
+                        "synthetic shapes, mIoU; hrnas-kp: HR-NAS keypoints on synthetic people, OKS AP); "
+                        f"--downstream alone means {DOWNSTREAM[0]} (default: none)")
     p.add_argument("--n", type=positive_int, default=32, help="archs per family (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="training epochs per arch for every family (default: each family's recipe)")
@@ -88,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     add_threads_arg(p)
     return p
+
+
+def downstream_families(value: str | None) -> list[str]:
+    """The families named by ``--downstream`` (None: none; a comma-separated list from :data:`DOWNSTREAM`)."""
+    if value is None:
+        return []
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    if not names or any(s not in DOWNSTREAM for s in names) or len(set(names)) != len(names):
+        raise RetiaError(f"--downstream {value!r}: expected distinct names from {', '.join(DOWNSTREAM)}, "
+                         "comma-separated (or no value for hrnas-seg)")
+    return names
 
 
 def _family_files(items: list[str]) -> dict[str, Path]:
@@ -206,8 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("nni").setLevel(logging.WARNING)
     set_threads(args.threads)
     spaces = [s.strip() for s in args.families.split(",") if s.strip()]
-    if args.downstream and DOWNSTREAM not in spaces:
-        spaces.append(DOWNSTREAM)
+    for space in downstream_families(args.downstream):
+        if space not in spaces:
+            spaces.append(space)
     bad = [s for s in spaces if s not in SPACES]
     if not spaces or bad or len(set(spaces)) != len(spaces):
         raise RetiaError(f"--families {args.families!r}: expected distinct names from {', '.join(SPACES)}")

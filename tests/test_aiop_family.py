@@ -302,3 +302,151 @@ def test_task_bad_input_is_one_line(seg_family, tmp_path):
         with pytest.raises(RetiaError, match=message) as info:
             fn()
         assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the HR-NAS keypoint family (OKS AP on the synthetic people, weights inherited from a trained parent)
+# ---------------------------------------------------------------------------------------------------------------
+KP_FAST = TrainSettings(epochs=1, batch_size=8, lr=2e-3, weight_decay=0.01)
+KP_DATA = {"num_train": 16, "num_val": 8, "sigma": 1.0}
+
+
+@pytest.fixture(scope="module")
+def kp_family(tmp_path_factory):
+    """A 2-arch HR-NAS keypoint family on 16 / 8 synthetic people (parent trained 2 steps), trained models kept;
+    the synthetic data and the parent are cached in a temporary RETIA_CACHE."""
+    import dataclasses
+
+    from retia.evaluators.aiop.family import SPACES
+
+    base = SPACES["hrnas-kp"]
+    space = dataclasses.replace(base, data_args=dict(KP_DATA),
+                                recipe={**base.recipe, "parent": {**base.recipe["parent"], "epochs": 1}})
+    root = tmp_path_factory.mktemp("kp")
+    models = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RETIA_CACHE", str(root / "cache"))
+        graphs = build_family(space, 2, root / "kp.safetensors", KP_FAST, progress=False,
+                              on_arch=lambda g, m: models.__setitem__(g.name, m))
+        yield space, root / "kp.safetensors", graphs, models
+
+
+def test_keypoint_family_labels_are_the_evaluators_coco_ap(kp_family):
+    from retia.data.keypoints import build_keypoint_datamodule
+    from retia.evaluators import keypoints as kp
+    from retia.evaluators.aiop.family import (family_metric, hrnas_kp_config, people_scores, people_split,
+                                              predict_people)
+    from retia.spaces import hrnas
+
+    space, path, graphs, models = kp_family
+    loaded, labels = load_family(path)
+    assert family_metric(path) == "ap" and labels.tolist() == [g.meta["ap"] for g in graphs]
+    data = people_split((64, 48), **KP_DATA)
+    # the family's in-memory split is what the keypoint reader gives: same crops and COCO ground truth
+    dm = build_keypoint_datamodule(None, input_size=(64, 48), batch_size=3, num_train=16, num_val=8,
+                                   image_size=[96, 72], seed=0, sigma=1.0)
+    dm.setup("validate")
+    assert torch.allclose(torch.stack([dm.val_set[i][0] for i in range(8)]), data.x_val)
+    for g in loaded:
+        model = models[g.name]
+        assert 0.0 <= g.meta["ap"] <= 1.0 and 0.0 <= g.meta["ar"] <= 1.0
+        # the label is the evaluator's tested path (reader → predict_batch → COCOeval) on the trained net
+        assert kp.evaluate_keypoints(model, dm)["AP"] == pytest.approx(g.meta["ap"], abs=1e-9)
+        _, ref_kps, ref_scores, ids = kp.predict_keypoints(model, dm)
+        kps, scores = predict_people(model, data)
+        assert np.allclose(kps, ref_kps, atol=1e-4) and np.allclose(scores, ref_scores, atol=1e-5)
+        assert ids.tolist() == data.val_meta["image_id"].tolist() and np.ptp(kps[..., :2]) > 10
+        assert g.input_shape == (1, 3, 64, 48) and g.meta["space"] == "hrnas-kp"
+        assert g.flops == hrnas.count_macs(hrnas_kp_config(), g.meta["arch"])
+        assert g.params == sum(p.numel() for p in model.parameters())
+    # perfect predictions (the annotated joints, score 1) score AP 1 through the family's scoring
+    anns = [data.coco.loadAnns(data.coco.getAnnIds(imgIds=int(i)))[0] for i in data.val_meta["image_id"]]
+    gt = np.array([np.reshape(a["keypoints"], (17, 3)) for a in anns], dtype=np.float64)
+    gt[:, :, 2] = 1.0
+    assert people_scores(data, gt, np.ones(len(gt)))["ap"] == pytest.approx(1.0)
+    moved = gt.copy()
+    moved[:, :, :2] += 6.0  # every joint 6 px off: OKS far below 0.5 on these ~40 px people
+    assert people_scores(data, moved, np.ones(len(gt)))["ap"] < 0.1
+    header = json.loads(journal_path(path).read_text().splitlines()[0])["header"]
+    assert header["task"] == "keypoints" and header["metric"] == "ap" and header["data"] == KP_DATA
+    assert header["recipe"]["parent"]["epochs"] == 1
+    # retraining with the stored seed (from the same cached parent) gives the stored label
+    g = loaded[1]
+    _, again = label_arch(space, g.meta["arch"], TrainSettings(**{**header["train"], "seed": g.meta["train_seed"]}))
+    assert again["ap"] == pytest.approx(g.meta["ap"], abs=1e-12)
+
+
+def test_keypoint_archs_inherit_the_parents_most_important_channels(kp_family):
+    from retia.evaluators.aiop.family import hrnas_kp_parent, importance_keep, sample_archs
+
+    space = kp_family[0]
+    parent = hrnas_kp_parent(space)
+    arch = sample_archs("hrnas-kp", 1, seed=3)[0]
+    keep = importance_keep(parent, arch)
+    checked = 0
+    for name, block in parent.named_blocks():
+        for k, bn in block.depthwise_bns().items():
+            idx = keep[name].get(f"k{k}")
+            assert (0 if idx is None else len(idx)) == arch[f"{name}.k{k}"]
+            if idx is not None and 0 < len(idx) < bn.num_features:
+                gamma = bn.weight.detach().abs()
+                dropped = torch.ones_like(gamma, dtype=torch.bool)
+                dropped[idx] = False
+                assert gamma[idx].min() >= gamma[dropped].max()
+                checked += 1
+    assert checked > 5
+    model = space.make_init(space)(arch)  # the arch's network holding the kept channels' weights
+    name = next(n for n, b in parent.named_blocks() if keep[n].get("k3") is not None and len(keep[n]["k3"]) > 1)
+    src, dst = parent.blocks[name].ops["k3"][1][0].weight, model.blocks[name].ops["k3"][1][0].weight
+    assert torch.equal(dst, src[keep[name]["k3"]])
+    assert model.arch == {k: int(v) for k, v in arch.items()}
+
+
+def test_keypoint_family_file_round_trip(kp_family):
+    from retia.evaluators.aiop import family as fam
+    from retia.weights import load_meta, load_weights
+
+    space, path, graphs, _ = kp_family
+    loaded, labels = load_family(path)
+    assert [g.name for g in loaded] == [g.name for g in graphs] and labels.tolist() == [g.meta["ap"] for g in graphs]
+    for g, orig in zip(loaded, graphs):
+        assert g.ops == orig.ops and g.names == orig.names and g.input_shape == orig.input_shape
+        assert torch.equal(g.features, orig.features) and torch.equal(g.edge_index, orig.edge_index)
+        assert g.flops == orig.flops and g.params == orig.params and g.meta == orig.meta
+    assert json.loads(path.with_suffix(".json").read_text())["meta"]["metric"] == "ap"
+    assert not list(path.parent.glob("*.pt")) and not list(path.parent.glob("*.pkl"))
+    # the same command again rebuilds the graphs from the journal and trains nothing
+    trained = []
+    again = build_family(space, 2, path, KP_FAST, progress=False, on_arch=lambda g, m: trained.append(g))
+    assert not trained and [g.meta["ap"] for g in again] == labels.tolist()
+    # the parent is cached as safetensors + JSON; a new process (cache cleared) loads the same weights from it
+    files = list((path.parent / "cache").glob("aiop_hrnas_kp_parent_*.safetensors"))
+    assert len(files) == 1 and 0.0 <= load_meta(files[0])["labels"]["ap"] <= 1.0
+    first = fam.hrnas_kp_parent(space).state_dict()
+    fam._hrnas_kp_parent.cache_clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RETIA_CACHE", str(path.parent / "cache"))
+        second = fam.hrnas_kp_parent(space).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert set(load_weights(files[0])) == set(first)
+
+
+def test_keypoint_bad_input_is_one_line(kp_family, tmp_path, monkeypatch):
+    from retia.evaluators.aiop.family import people_split, sample_archs
+
+    monkeypatch.setenv("RETIA_CACHE", str(tmp_path))
+
+    space = kp_family[0]
+    arch = dict(sample_archs("hrnas-kp", 1)[0], **{"s0_b0_0.k3": 999})
+    cases = [
+        (lambda: people_split((30, 24)), "input_size \\(30, 24\\): expected"),
+        (lambda: people_split((64, 48), sigma=0), "keypoint sigma 0: expected a number > 0"),
+        (lambda: people_split((64, 48), num_train=0, num_val=1), "num_train 0"),
+        (lambda: label_arch(space, arch, KP_FAST), "s0_b0_0.k3=999: expected an int in"),
+        (lambda: main(["--space", "hrnas-kp", "--n", "2", "-o", str(tmp_path / "k.safetensors"), "--shared-head"]),
+         "--shared-head needs a supernet"),
+    ]
+    for fn, message in cases:
+        with pytest.raises(RetiaError, match=message) as info:
+            fn()
+        assert "\n" not in str(info.value)

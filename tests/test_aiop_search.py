@@ -172,3 +172,20 @@ def test_experiment_bad_flags_are_one_line(tmp_path):
         main(["--family-file", "zennas", "--output", str(tmp_path)])
     with pytest.raises(RetiaError, match="does not exist"):
         main(["--family-file", "zennas=/nonexistent.safetensors", "--output", str(tmp_path)])
+
+
+def test_downstream_option_names_families(tmp_path):
+    from retia.experiments.aiop_predictor import build_parser, downstream_families, main
+
+    parse = build_parser().parse_args
+    assert downstream_families(parse([]).downstream) == []
+    assert downstream_families(parse(["--downstream"]).downstream) == ["hrnas-seg"]  # the flag as it always was
+    assert parse(["--downstream", "--n", "5"]).n == 5
+    assert downstream_families(parse(["--downstream", "hrnas-kp"]).downstream) == ["hrnas-kp"]
+    assert downstream_families(parse(["--downstream", "hrnas-seg,hrnas-kp"]).downstream) == ["hrnas-seg", "hrnas-kp"]
+    for value in ("bogus", "hrnas-kp,hrnas-kp", ",", "zennas"):
+        with pytest.raises(RetiaError, match="--downstream .*: expected distinct names from hrnas-seg, hrnas-kp") \
+                as info:
+            main(["--downstream", value, "--output", str(tmp_path / "x")])
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "x").exists()

@@ -6,7 +6,7 @@
   ``ParamsPredictor``, ``TargetNormalizer`` (``stand`` / ``stand_flops``), ``regression_metrics``,
   ``load_predictor``.
 - :mod:`.family`: labelled families trained on a task (``build_family``, ``load_family``, ``noise_ceiling``;
-  ``python -m retia.evaluators.aiop.family --space autoformer|zennas|hrnas-seg --n 40 -o family.safetensors``).
+  ``python -m retia.evaluators.aiop.family --space autoformer|zennas|hrnas-seg|hrnas-kp --n 40 -o family.safetensors``).
 - :mod:`.shared_head`: AIO-P's shared-head shortcut for cheap labels (``label_family_shared_head``,
   ``rank_agreement``).
 - :mod:`.search`: ``PredictorEvaluator`` (an NNI evaluator reporting predictions), ``guided_search``.

@@ -12,13 +12,22 @@ space (:class:`FamilySpace`) has a task (:class:`FamilyTask`: data, loss, evalua
 - ``hrnas-seg`` (segmentation, ``miou``): HR-NAS ``tiny`` with the segmentation head (4 classes, 32² input),
   channels per kernel branch and tokens per transformer drawn around a per-arch keep ratio
   (:func:`hrnas_seg_sample`), trained on a fixed split of the embedded synthetic shapes
-  (:func:`retia.data.segmentation.synthetic_shapes`).
+  (:func:`retia.data.segmentation.synthetic_shapes`);
+- ``hrnas-kp`` (keypoints, ``ap``): HR-NAS ``tiny`` with the keypoint head (17 COCO joints, 64×48 person crops,
+  16×12 heatmaps), archs drawn as for ``hrnas-seg`` (:func:`hrnas_kp_sample`), fine-tuned on a fixed split of the
+  embedded synthetic people (:func:`people_split`) from weights inherited from a parent network trained once per
+  recipe (the full ``tiny`` net; each arch keeps its most important channels / tokens by BN scale, as HR-NAS's
+  shrinking ranks them — AIO-P's OFA families likewise start from their supernet's weights). From scratch, a few
+  CPU seconds per arch leave the tiny HRNet at AP ~0.01 (the mean-pose level): too little to rank archs by.
 
 Classification trains on in-memory tensors of the fixed digits split of :class:`retia.data.DigitsDataModule`;
 the label is top-1 in % on its 359 validation digits (:func:`retia.evaluators.weight_sharing.accuracy`).
 Segmentation trains with cross-entropy on logits upsampled to the label size; the label is validation mIoU as a
-fraction (:class:`retia.evaluators.segmentation.SegmentationMetrics`, the project's confusion-matrix mIoU). Both
-use AdamW with :func:`retia.evaluators.classification.warmup_cosine` (no decay on biases / norms / tokens, linear
+fraction (:class:`retia.evaluators.segmentation.SegmentationMetrics`, the project's confusion-matrix mIoU).
+Keypoints train with HRNet's heatmap MSE (:func:`retia.evaluators.keypoints.joints_mse_loss`); the label is COCO
+OKS AP as a fraction (pycocotools' COCOeval through :func:`retia.evaluators.keypoints.coco_keypoint_ap`, the
+heatmaps decoded by :func:`~retia.evaluators.keypoints.predict_batch`). All
+use AdamW with :func:`retia.evaluators.optim.warmup_cosine` (no decay on biases / norms / tokens, linear
 warmup then cosine per step). Everything is seeded (arch i of a family trains with seed ``settings.seed + i``),
 so a label can be reproduced; :func:`noise_ceiling` retrains archs with another seed to measure how reproducible
 the labels are.
@@ -33,6 +42,7 @@ Command::
 
     python -m retia.evaluators.aiop.family --space autoformer --n 40 -o family.safetensors
     python -m retia.evaluators.aiop.family --space hrnas-seg --n 32 -o seg.safetensors --noise-ceiling 16
+    python -m retia.evaluators.aiop.family --space hrnas-kp --n 32 -o kp.safetensors --noise-ceiling 12
     python -m retia.evaluators.aiop.family --space autoformer --n 40 -o family.safetensors --shared-head
 """
 from __future__ import annotations
@@ -49,7 +59,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -60,9 +70,11 @@ from retia.errors import RetiaError
 from .graph import CompGraph, build_graph, load_graphs, save_graphs
 
 __all__ = ["SPACES", "TASKS", "TrainSettings", "FamilyTask", "FamilySpace", "get_space", "sample_archs",
-           "digits_split", "shapes_split", "train_model", "evaluate_model", "evaluate_segmentation", "label_arch",
-           "arch_graph", "hrnas_seg_sample", "build_family", "load_family", "family_labels", "family_metric",
-           "family_header", "noise_ceiling", "default_family_file", "journal_path", "main"]
+           "digits_split", "shapes_split", "people_split", "PeopleSplit", "train_model", "evaluate_model",
+           "evaluate_segmentation", "evaluate_keypoints", "predict_people", "people_scores", "label_arch",
+           "arch_graph", "hrnas_seg_sample", "hrnas_kp_sample", "hrnas_kp_config", "hrnas_kp_parent",
+           "importance_keep", "build_family", "load_family", "family_labels", "family_metric", "family_header",
+           "noise_ceiling", "default_family_file", "journal_path", "main"]
 
 FAMILY_FORMAT = "retia.aiop.family/1"
 NUM_CLASSES = 10
@@ -183,6 +195,109 @@ def evaluate_segmentation(model: nn.Module, data: Sequence[torch.Tensor], batch_
     return {"miou": float(scores["miou"]), "pixel_acc": float(scores["pixel_acc"])}
 
 
+PEOPLE_IMAGE_SIZE = (96, 72)  # the synthetic people's images (build_keypoint_datamodule's default)
+
+
+class PeopleSplit(NamedTuple):
+    """A fixed keypoint split in memory (:func:`people_split`). ``y_train`` / ``y_val`` are sample indices (what
+    :func:`train_model` batches); the training loss looks the heatmap targets and joint weights up by them, the
+    evaluation the crops' centre / scale / image id."""
+
+    x_train: torch.Tensor  # (N, 3, H, W) normalised person crops
+    y_train: torch.Tensor  # (N,) arange: indices into targets / weights
+    x_val: torch.Tensor    # (M, 3, H, W)
+    y_val: torch.Tensor    # (M,) arange
+    targets: torch.Tensor  # (N, 17, H/4, W/4) Gaussian heatmaps of the training crops
+    weights: torch.Tensor  # (N, 17) 1 for a labelled joint on the heatmap, else 0
+    val_meta: dict         # center (M, 2), scale (M, 2), rotation (M,), image_id (M,) of the validation crops
+    coco: Any              # pycocotools COCO ground truth of the validation people
+
+
+def _stack_people(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    items = [dataset[i] for i in range(len(dataset))]
+    meta = {k: torch.stack([torch.as_tensor(m[k]) for *_, m in items]) for k in ("center", "scale", "rotation",
+                                                                                 "image_id")}
+    return (torch.stack([x for x, *_ in items]), torch.stack([t for _, t, _, _ in items]),
+            torch.stack([w for _, _, w, _ in items]), meta)
+
+
+def people_split(input_size: Sequence[int], num_train: int = 512, num_val: int = 128, sigma: float = 1.0,
+                 seed: int = 0) -> PeopleSplit:
+    """A fixed split of the embedded synthetic people (:func:`retia.data.keypoints.make_synthetic_coco`: one
+    stick figure per 96×72 image, ``num_train`` training and ``num_val`` validation images of ``seed``, written once
+    into the synthetic-data cache) read by :class:`retia.data.keypoints.COCOKeypoints` without augmentation:
+    crops of ``input_size`` (h, w) from the ground-truth boxes, heatmap targets with ``sigma`` heatmap pixels.
+    Built once per process and arguments."""
+    from retia.data.keypoints import check_input_size
+
+    size = check_input_size(tuple(input_size) if isinstance(input_size, list) else input_size)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+        raise RetiaError(f"keypoint sigma {sigma!r}: expected a number > 0 (heatmap pixels)")
+    return _people_split(size, num_train, num_val, float(sigma), seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _people_split(input_size: tuple[int, int], num_train: int, num_val: int, sigma: float, seed: int
+                  ) -> PeopleSplit:
+    from retia.data.keypoints import COCOKeypoints, build_keypoint_datamodule
+
+    dm = build_keypoint_datamodule(None, input_size=input_size, num_train=num_train, num_val=num_val,
+                                   image_size=list(PEOPLE_IMAGE_SIZE), seed=seed, sigma=sigma)
+    dm.prepare_data()
+    x_train, targets, weights, _ = _stack_people(COCOKeypoints(dm.root, "train", input_size, sigma=sigma))
+    val = COCOKeypoints(dm.root, "val", input_size, sigma=sigma)
+    x_val, _, _, meta = _stack_people(val)
+    return PeopleSplit(x_train, torch.arange(len(x_train)), x_val, torch.arange(len(x_val)), targets, weights,
+                       meta, val.coco)
+
+
+def _keypoint_loss(data: PeopleSplit) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """HRNet's JointsMSELoss (:func:`retia.evaluators.keypoints.joints_mse_loss`) against the heatmaps of the
+    batch's sample indices."""
+    from retia.evaluators.keypoints import joints_mse_loss
+
+    def loss(out: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return joints_mse_loss(out, data.targets[idx], data.weights[idx])
+
+    return loss
+
+
+def people_scores(data: PeopleSplit, keypoints: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """``{'ap', 'ap50', 'ap75', 'ar'}`` (fractions) of keypoints ``(M, 17, 3)`` in image pixels and person scores
+    ``(M,)`` predicted for the validation crops, by COCOeval
+    (:func:`retia.evaluators.keypoints.coco_keypoint_ap`)."""
+    from retia.evaluators.keypoints import coco_keypoint_ap, coco_results
+
+    stats = coco_keypoint_ap(data.coco, coco_results(keypoints, scores, data.val_meta["image_id"].tolist()))
+    return {"ap": stats["AP"], "ap50": stats["AP50"], "ap75": stats["AP75"], "ar": stats["AR"]}
+
+
+@torch.no_grad()
+def predict_people(model: nn.Module, data: PeopleSplit, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``(keypoints (M, 17, 3) in image pixels with joint scores, person scores (M,))`` of ``model`` on the
+    validation crops, decoded as :class:`retia.evaluators.keypoints.KeypointModule` decodes them
+    (:func:`~retia.evaluators.keypoints.predict_batch`: argmax + ¼ px, back through the crop transform; person
+    score = mean joint maximum above 0.2); eval mode."""
+    from retia.evaluators.keypoints import predict_batch
+
+    was_training = model.training
+    model.eval()
+    kps, scores = [], []
+    for i in range(0, len(data.y_val), batch_size):
+        meta = {k: v[i:i + batch_size] for k, v in data.val_meta.items()}
+        k, s = predict_batch(model(data.x_val[i:i + batch_size]), meta, data.x_val.shape[-2:])
+        kps.append(k)
+        scores.append(s)
+    model.train(was_training)
+    return np.concatenate(kps), np.concatenate(scores)
+
+
+def evaluate_keypoints(model: nn.Module, data: PeopleSplit, batch_size: int = 64) -> dict[str, float]:
+    """:func:`people_scores` of :func:`predict_people`: ``{'ap', 'ap50', 'ap75', 'ar'}`` on the validation
+    people."""
+    return people_scores(data, *predict_people(model, data, batch_size))
+
+
 @dataclass(frozen=True)
 class FamilyTask:
     """What a family's archs are trained and labelled on: ``data(space)`` -> ``(x_train, y_train, x_val, y_val)``,
@@ -201,6 +316,8 @@ TASKS: dict[str, FamilyTask] = {
                                  lambda data: _classification_loss, evaluate_model),
     "segmentation": FamilyTask("segmentation", "miou", lambda sp: shapes_split(sp.resolution, **sp.data_args),
                                _segmentation_loss, evaluate_segmentation),
+    "keypoints": FamilyTask("keypoints", "ap", lambda sp: people_split(sp.input_shape[2:], **sp.data_args),
+                            _keypoint_loss, evaluate_keypoints),
 }
 
 
@@ -222,10 +339,14 @@ class FamilySpace:
     settings: TrainSettings = TrainSettings(epochs=2)
     data_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     recipe: dict[str, Any] = dataclasses.field(default_factory=dict)
+    width: int | None = None  # input width when it is not ``resolution`` (the keypoint crops are h × w)
+    # None: every arch starts from fresh weights (``build``); else ``make_init(space)`` -> ``init(arch)``, a network
+    # of ``arch`` with inherited weights (``hrnas-kp``: sliced from a parent network trained once, see below)
+    make_init: Callable[["FamilySpace"], Callable[[Any], nn.Module]] | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
-        return (1, 3, self.resolution, self.resolution)
+        return (1, 3, self.resolution, self.width or self.resolution)
 
     @property
     def family_task(self) -> FamilyTask:
@@ -302,6 +423,20 @@ def hrnas_seg_config() -> dict[str, Any]:
     return hrnas.preset("tiny", task="segmentation", num_classes=len(SHAPE_CLASSES), input_size=HRNAS_SEG_RESOLUTION)
 
 
+def _hrnas_sample(config: dict[str, Any], rng: random.Random, keep_range: tuple[float, float], jitter: float,
+                  drop: float) -> dict[str, int]:
+    from retia.spaces import hrnas
+
+    r = math.exp(rng.uniform(math.log(keep_range[0]), math.log(keep_range[1])))
+    arch = {}
+    for key, maximum in hrnas.arch_choices(config).items():
+        if not key.endswith(".tokens") and rng.random() < drop:
+            arch[key] = 0
+            continue
+        arch[key] = int(round(maximum * min(1.0, r * rng.uniform(1 - jitter, 1 + jitter))))
+    return arch
+
+
 def hrnas_seg_sample(rng: random.Random, keep_range: tuple[float, float] = (0.01, 1.0), jitter: float = 0.5,
                      drop: float = 0.15) -> dict[str, int]:
     """A random HR-NAS arch: a keep ratio ``r`` log-uniform in ``keep_range`` for the whole arch, then per key
@@ -309,16 +444,7 @@ def hrnas_seg_sample(rng: random.Random, keep_range: tuple[float, float] = (0.01
     1 + jitter)))``; each kernel branch is also removed outright with probability ``drop`` (as progressive shrinking
     removes branches). So the family spans near-empty to full networks (MACs ~0.2M..11.5M at 32², about half of
     them below 2M) with uneven blocks."""
-    from retia.spaces import hrnas
-
-    r = math.exp(rng.uniform(math.log(keep_range[0]), math.log(keep_range[1])))
-    arch = {}
-    for key, maximum in hrnas.arch_choices(hrnas_seg_config()).items():
-        if not key.endswith(".tokens") and rng.random() < drop:
-            arch[key] = 0
-            continue
-        arch[key] = int(round(maximum * min(1.0, r * rng.uniform(1 - jitter, 1 + jitter))))
-    return arch
+    return _hrnas_sample(hrnas_seg_config(), rng, keep_range, jitter, drop)
 
 
 HRNAS_HEAD_INIT_STD = 0.01
@@ -336,6 +462,114 @@ def _hrnas_seg_build(arch: dict[str, int]) -> nn.Module:
     return model
 
 
+HRNAS_KP_INPUT = (64, 48)  # (h, w): the CPU keypoint search's crops (experiments/configs/hrnas/keypoint_cpu.yml)
+HRNAS_KP_SIGMA = 1.0       # heatmap sigma in heatmap pixels, as the CPU keypoint search on the synthetic people
+# the parent network every hrnas-kp arch inherits its weights from: the full `tiny` keypoint net trained once on the
+# family's training people (256 steps of 8; validation AP ~0.35)
+HRNAS_KP_PARENT = {"epochs": 4, "batch_size": 8, "lr": 5e-3, "weight_decay": 0.01, "seed": 0}
+
+
+@functools.lru_cache(maxsize=1)
+def hrnas_kp_config() -> dict[str, Any]:
+    """HR-NAS ``tiny`` with the keypoint (heatmap) head: 17 COCO joints, 64×48 input, heatmaps at 1/4 (16×12)."""
+    from retia.data.keypoints import NUM_JOINTS
+    from retia.spaces import hrnas
+
+    return hrnas.preset("tiny", task="keypoint", num_classes=NUM_JOINTS, input_size=list(HRNAS_KP_INPUT))
+
+
+def hrnas_kp_sample(rng: random.Random, keep_range: tuple[float, float] = (0.01, 1.0), jitter: float = 0.5,
+                    drop: float = 0.15) -> dict[str, int]:
+    """A random arch of :func:`hrnas_kp_config`, drawn as :func:`hrnas_seg_sample` draws them (a log-uniform keep
+    ratio for the whole arch, jittered per branch / transformer, branches dropped with probability ``drop``)."""
+    return _hrnas_sample(hrnas_kp_config(), rng, keep_range, jitter, drop)
+
+
+def _hrnas_kp_build(arch: dict[str, int]) -> nn.Module:
+    """``HRNet(config, arch)`` with HRNet's keypoint init (every conv N(0, 0.001)); its graph is the family's."""
+    from retia.spaces import hrnas
+
+    return hrnas.HRNet(hrnas_kp_config(), arch)
+
+
+def importance_keep(parent: nn.Module, arch: dict[str, int]) -> dict[str, dict[str, torch.Tensor]]:
+    """Which channels / tokens of ``parent`` (a full HR-NAS network) ``arch`` keeps: per kernel branch the
+    ``arch[...]`` depthwise channels with the largest BN scale |γ|, per transformer the tokens with the largest
+    |γ| of its input norm — the importance HR-NAS's progressive shrinking removes channels / tokens by (indices in
+    ascending order, a :data:`retia.spaces.hrnas.network.Keep`)."""
+    keep = {}
+    for name, block in parent.named_blocks():
+        entry = {}
+        for k, bn in block.depthwise_bns().items():
+            want = int(arch.get(f"{name}.k{k}", 0))
+            if want:
+                entry[f"k{k}"] = torch.topk(bn.weight.detach().abs(), want).indices.sort().values.cpu()
+        want = int(arch.get(f"{name}.tokens", 0))
+        if block.transformer is not None and want:
+            gamma = block.transformer.input_norm.weight.detach().abs()
+            entry["tokens"] = torch.topk(gamma, want).indices.sort().values.cpu()
+        keep[name] = entry
+    return keep
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("RETIA_CACHE") or Path.home() / ".cache" / "retia").expanduser()
+
+
+@functools.lru_cache(maxsize=2)
+def _hrnas_kp_parent(key: str) -> nn.Module:
+    from retia.spaces import hrnas
+    from retia.weights import load_weights, save_weights
+
+    spec = json.loads(key)
+    settings = TrainSettings(**spec["parent"])
+    path = _cache_dir() / f"aiop_hrnas_kp_parent_{hashlib.sha1(key.encode()).hexdigest()[:12]}.safetensors"
+    with torch.random.fork_rng():  # the global random stream is left as it was, cached parent or not
+        torch.manual_seed(settings.seed)
+        model = hrnas.HRNet(spec["config"])
+        if path.is_file():
+            model.load_state_dict(load_weights(path))
+            return model.eval()
+        data = people_split(tuple(spec["config"]["input_size"]), **spec["data"])
+        start = time.perf_counter()
+        train_model(model, data, settings, loss=_keypoint_loss(data))
+    scores = evaluate_keypoints(model, data)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.safetensors")
+    save_weights(model.state_dict(), tmp, meta={**spec, "labels": scores,
+                                                "seconds": round(time.perf_counter() - start, 1)})
+    os.replace(tmp.with_suffix(".json"), path.with_suffix(".json"))
+    os.replace(tmp, path)
+    return model.eval()
+
+
+def hrnas_kp_parent(space: "FamilySpace") -> nn.Module:
+    """The trained parent network of an ``hrnas-kp`` family space: the full network of :func:`hrnas_kp_config`
+    trained by :func:`train_model` with ``space.recipe['parent']`` (settings, seed) on ``people_split(**
+    space.data_args)``, once: kept in memory and as ``aiop_hrnas_kp_parent_<hash>.safetensors`` (+ JSON with its
+    validation AP) in ``$RETIA_CACHE`` or ``~/.cache/retia``, the hash naming the config, data and settings."""
+    if not isinstance(space.recipe.get("parent"), dict):
+        raise RetiaError(f"family space {space.name!r} has no recipe['parent'] (expected the parent's training "
+                         "settings: epochs, batch_size, lr, weight_decay, seed)")
+    key = json.dumps({"config": hrnas_kp_config(), "data": dict(space.data_args),
+                      "parent": dict(space.recipe["parent"]), "format": 1}, sort_keys=True)
+    return _hrnas_kp_parent(key)
+
+
+def _hrnas_kp_init(space: "FamilySpace") -> Callable[[dict[str, int]], nn.Module]:
+    """``init(arch)``: the network of ``arch`` with the parent's weights of the channels / tokens
+    :func:`importance_keep` picks (:func:`retia.spaces.hrnas.network.extract`: removed channels' constant outputs
+    folded into the next BN, so in eval mode it computes the parent with those channels' scales at zero)."""
+    from retia.spaces.hrnas.network import check_arch, extract
+
+    parent = hrnas_kp_parent(space)
+
+    def init(arch: dict[str, int]) -> nn.Module:
+        model = extract(parent, importance_keep(parent, check_arch(parent.config, arch)))
+        return model.train()
+
+    return init
+
+
 SPACES: dict[str, FamilySpace] = {
     "autoformer": FamilySpace("autoformer", 32, _autoformer_sample, _autoformer_build),
     "zennas": FamilySpace("zennas", 16, _zennas_sample, _zennas_build),
@@ -345,6 +579,15 @@ SPACES: dict[str, FamilySpace] = {
                              data_args={"num_train": 160, "num_val": 96},
                              recipe={"loss": "cross-entropy, sqrt inverse-frequency class weights",
                                      "classifier_init_std": HRNAS_HEAD_INIT_STD, "keep": "log-uniform 0.01..1"}),
+    "hrnas-kp": FamilySpace("hrnas-kp", HRNAS_KP_INPUT[0], hrnas_kp_sample, _hrnas_kp_build, task="keypoints",
+                            settings=TrainSettings(epochs=1, batch_size=16, lr=2e-3, weight_decay=0.01),
+                            data_args={"num_train": 512, "num_val": 128, "sigma": HRNAS_KP_SIGMA},
+                            recipe={"loss": "joints MSE (HRNet)", "input_size": list(HRNAS_KP_INPUT),
+                                    "images": list(PEOPLE_IMAGE_SIZE), "augmentation": "none",
+                                    "init": "inherited from the parent (top BN |gamma| channels and tokens)",
+                                    "parent": dict(HRNAS_KP_PARENT), "keep": "log-uniform 0.01..1"},
+                            make_init=_hrnas_kp_init,
+                            width=HRNAS_KP_INPUT[1]),
 }
 
 
@@ -395,7 +638,7 @@ def train_model(model: nn.Module, data: Sequence[torch.Tensor], settings: TrainS
                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _classification_loss) -> nn.Module:
     """Train ``model`` in place on ``data`` (``x_train, y_train, ...``) with ``settings`` and ``loss`` (default:
     cross-entropy on class ids); seeded."""
-    from retia.evaluators.classification import warmup_cosine
+    from retia.evaluators.optim import adamw, warmup_cosine
 
     x, y = data[0], data[1]
     forward = forward or model
@@ -404,7 +647,7 @@ def train_model(model: nn.Module, data: Sequence[torch.Tensor], settings: TrainS
     total = settings.epochs * steps_per_epoch
     lr_at = warmup_cosine(total, int(total * settings.warmup), settings.lr, min(1e-6, settings.lr),
                           min(settings.min_lr, settings.lr))
-    opt = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr)
+    opt = adamw(_param_groups(model, settings.weight_decay), lr=settings.lr)
     model.train()
     step = 0
     for _ in range(settings.epochs):
@@ -425,14 +668,16 @@ def train_model(model: nn.Module, data: Sequence[torch.Tensor], settings: TrainS
 def label_arch(space: str | FamilySpace, arch: Any, settings: TrainSettings | None = None
                ) -> tuple[nn.Module, dict[str, Any]]:
     """Build ``arch`` (seeded), train it on its space's task and measure it: ``(trained model, labels)``, labels
-    ``{'top1', 'top5', 'seconds'}`` (classification) or ``{'miou', 'pixel_acc', 'seconds'}`` (segmentation).
+    ``{'top1', 'top5', 'seconds'}`` (classification), ``{'miou', 'pixel_acc', 'seconds'}`` (segmentation) or
+    ``{'ap', 'ap50', 'ap75', 'ar', 'seconds'}`` (keypoints).
     ``settings`` default: the space's own."""
     sp = _space(space)
     settings = sp.settings if settings is None else settings
     task = sp.family_task
+    init = sp.build if sp.make_init is None else sp.make_init(sp)  # a parent is trained (once) here, untimed
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
-    model = sp.build(arch)
+    model = init(arch)
     data = sp.data()
     train_model(model, data, settings, loss=task.make_loss(data))
     scores = task.evaluate(model, data)
@@ -551,6 +796,11 @@ def build_family(space: str | FamilySpace, n: int, path: str | Path, settings: T
     if graphs and not todo:
         _write_family(graphs, path, meta)
         return graphs
+    if sp.make_init is not None:  # e.g. train the parent network (once; cached) before the bar starts
+        if progress:
+            print(f"{sp.name}: preparing the inherited weights (a parent network is trained once and cached)",
+                  flush=True)
+        sp.make_init(sp)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -620,7 +870,8 @@ def noise_ceiling(path: str | Path, k: int = 16, seed_offset: int = 1000, progre
     square root (Spearman's correction for attenuation), reported as ``ceiling`` (NaN when ``srcc`` <= 0).
 
     Retrained labels are kept in a journal (``<family>.noise-o<offset>.jsonl``), so a killed run resumes; the
-    report is written to ``<family>.noise-o<offset>.json``.
+    report is written to ``<family>.noise-o<offset>.json``. A family whose archs inherit weights (``hrnas-kp``)
+    keeps its parent network: the second seed changes the fine-tuning only (as AIO-P's fixed supernet weights).
     """
     from .predictor import kendall_tau, spearman
 
@@ -636,6 +887,8 @@ def noise_ceiling(path: str | Path, k: int = 16, seed_offset: int = 1000, progre
     sp = get_space(header["space"])
     if header.get("data") is not None and header["data"] != sp.data_args:  # a family built with other data sizes
         sp = dataclasses.replace(sp, data_args=dict(header["data"]))
+    if header.get("recipe") is not None and header["recipe"] != sp.recipe:  # e.g. another parent network
+        sp = dataclasses.replace(sp, recipe=dict(header["recipe"]))
     settings = TrainSettings(**header["train"])
     metric = family_metric(path)
     stem = path.with_suffix("")
