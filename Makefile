@@ -20,10 +20,10 @@ demo: $(STAMP)
 	$(PYTHON) experiments/autoformer_search.py
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=25
+	$(PYTHON) -m pytest -q -p no:cacheprovider -n 2 --durations=25
 
 test-quick: $(STAMP)
-	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not slow"
+	$(PYTHON) -m pytest -q -p no:cacheprovider -n 2 -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs
