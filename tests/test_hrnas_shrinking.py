@@ -61,6 +61,23 @@ def test_rho_schedule_is_linear_between_free_and_warmup():
     assert [at(s) for s in (0, 9, 10, 20, 30, 100)] == [0.0, 0.0, 0.0, 1.0, 2.0, 2.0]
 
 
+
+def _random_images():
+    """16 seeded random 32x32 images in 2 batches, labels 0..9; validation on the same batches."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class RandomImages(pl.LightningDataModule):
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            return DataLoader(TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.arange(16) % 10),
+                              batch_size=8)
+
+        def val_dataloader(self):
+            return self.train_dataloader()
+
+    return RandomImages()
+
 def _net_with_dead_units(cfg, seed=0):
     net = hrnas.HRNet(cfg)
     g = torch.Generator().manual_seed(seed)
@@ -134,27 +151,14 @@ def test_optimizer_state_follows_the_kept_channels():
 def test_callback_shrinks_during_lightning_training(tmp_path):
     """Two short epochs of retia's classification module with the callback: the model and optimizer are swapped
     for smaller ones, MACs drop and the history records them."""
-    from torch.utils.data import DataLoader, TensorDataset
-
     from retia.evaluators.classification import classification_evaluator
-
-    import pytorch_lightning as pl
-
-    class Data(pl.LightningDataModule):
-        def train_dataloader(self):
-            g = torch.Generator().manual_seed(0)
-            return DataLoader(TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.arange(16) % 10),
-                              batch_size=8)
-
-        def val_dataloader(self):
-            return self.train_dataloader()
 
     cfg = hrnas.preset("tiny")
     net = _net_with_dead_units(cfg)
     seen = []
     cb = hs.ProgressiveShrinking(rho=1e-3, epoch_warmup=1, threshold=0.05, interval=1, on_epoch=seen.append)
-    evaluator = classification_evaluator(Data(), num_classes=10, max_epochs=2, log_dir=tmp_path, callbacks=[cb],
-                                         accelerator="cpu", enable_progress_bar=False, learning_rate=1e-3,
+    evaluator = classification_evaluator(_random_images(), num_classes=10, max_epochs=2, log_dir=tmp_path,
+                                         callbacks=[cb], accelerator="cpu", enable_progress_bar=False, learning_rate=1e-3,
                                          warmup_epochs=0, mixup=0.0, cutmix=0.0, report_to_nni=False)
     evaluator.evaluate(net)
     final = evaluator.module.model
@@ -331,27 +335,14 @@ def test_bn_recalibration_is_the_cumulative_average_of_batch_statistics():
 def test_callback_with_ema_and_bn_recalibration_in_lightning(tmp_path):
     """Lightning run with the EMA and BN recalibration on: one EMA update per optimizer step, the EMA shrunk with
     the network, the EMA copy is the final model (trainable again), BN statistics re-estimated on 2 batches."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    import pytorch_lightning as pl
-
     from retia.evaluators.classification import classification_evaluator
-
-    class Data(pl.LightningDataModule):
-        def train_dataloader(self):
-            g = torch.Generator().manual_seed(0)
-            return DataLoader(TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.arange(16) % 10),
-                              batch_size=8)
-
-        def val_dataloader(self):
-            return self.train_dataloader()
 
     cfg = hrnas.preset("tiny")
     net = _net_with_dead_units(cfg)
     cb = hs.ProgressiveShrinking(rho=1e-3, epoch_warmup=1, threshold=0.05, interval=1, ema_decay=0.99,
                                  bn_recalibration_batches=2)
-    evaluator = classification_evaluator(Data(), num_classes=10, max_epochs=2, log_dir=tmp_path, callbacks=[cb],
-                                         accelerator="cpu", enable_progress_bar=False, learning_rate=1e-3,
+    evaluator = classification_evaluator(_random_images(), num_classes=10, max_epochs=2, log_dir=tmp_path,
+                                         callbacks=[cb], accelerator="cpu", enable_progress_bar=False, learning_rate=1e-3,
                                          warmup_epochs=0, mixup=0.0, cutmix=0.0, report_to_nni=False)
     evaluator.evaluate(net)
     final = evaluator.module.model
