@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..cache import cache_root
 from ..errors import RetiaError, expect
 from .loaders import train_loader
 
@@ -387,7 +388,7 @@ def make_synthetic_coco(root: str | Path, num_train: int = 256, num_val: int = 6
 def synthetic_cache_path(cache_dir: str | Path | None = None, **params: Any) -> Path:
     """Where the synthetic tree of ``params`` lives: ``<cache_dir>/synthetic_coco_<hash>`` (default cache dir
     ``$RETIA_CACHE`` or ``~/.cache/retia``)."""
-    base = Path(cache_dir or os.environ.get("RETIA_CACHE") or Path.home() / ".cache" / "retia").expanduser()
+    base = cache_root(cache_dir)
     key = json.dumps(dict(params, version=SYNTHETIC_VERSION), sort_keys=True)
     return base / f"synthetic_coco_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 

@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from retia.cache import cache_root
 from retia.errors import RetiaError
 
 from .graph import CompGraph, build_graph, load_graphs, save_graphs
@@ -512,10 +513,6 @@ def importance_keep(parent: nn.Module, arch: dict[str, int]) -> dict[str, dict[s
     return keep
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("RETIA_CACHE") or Path.home() / ".cache" / "retia").expanduser()
-
-
 @functools.lru_cache(maxsize=2)
 def _hrnas_kp_parent(key: str) -> nn.Module:
     from retia.spaces import hrnas
@@ -523,7 +520,7 @@ def _hrnas_kp_parent(key: str) -> nn.Module:
 
     spec = json.loads(key)
     settings = TrainSettings(**spec["parent"])
-    path = _cache_dir() / f"aiop_hrnas_kp_parent_{hashlib.sha1(key.encode()).hexdigest()[:12]}.safetensors"
+    path = cache_root() / f"aiop_hrnas_kp_parent_{hashlib.sha1(key.encode()).hexdigest()[:12]}.safetensors"
     with torch.random.fork_rng():  # the global random stream is left as it was, cached parent or not
         torch.manual_seed(settings.seed)
         model = hrnas.HRNet(spec["config"])
