@@ -4,6 +4,8 @@
     python benchmarks/hrnas_step.py --threads 1 --keep 0.5 --repeats 3 --json runs/hrnas_step.json
     python benchmarks/hrnas_step.py --forward both           # also the reference (pre-optimisation) forward
     python benchmarks/hrnas_step.py --no-tokens              # the network the original built (no transformers)
+    python benchmarks/hrnas_step.py --original /tmp/HR-NAS   # also dingmyu/HR-NAS's own code on the same network
+    python benchmarks/hrnas_step.py --arch runs/x/arch.json  # a searched arch (and its config's supernet)
 
 One step = forward + cross-entropy on the classification head + backward + AdamW step, train mode, on a fixed
 random batch (``--batch-size`` 8 of 3 x 64 x 64 for the ``cpu`` preset: the ImageNet layout of the original at
@@ -24,6 +26,18 @@ tested against: the speed before the optimisations); ``--forward both`` times bo
 ``--no-tokens`` removes every transformer (the network the original actually built: its ``hrnet.py`` never
 passed ``use_transformer``), for a like-for-like comparison with the original's step time.
 
+``--original DIR`` also times the original implementation (a checkout of dingmyu/HR-NAS at DIR; not part of retia,
+fetch it yourself) on the same network, in its own child process with the same step, optimizer, threads and batch:
+its ``models.hrnet.HighResolutionNet`` built with retia's scaled channels (the original's ``width_mult`` does
+nothing, so the channels are passed already scaled, and its last channel too) and, unless ``--no-tokens``, with its
+transformers switched on in every block that can hold one (``use_transformer``, which its ``hrnet.py`` never passes,
+with the preset's ``max_tokens`` tokens). Its MACs are counted with ``FlopCounterMode`` and printed next to retia's,
+so the two networks can be seen to match; the target is then checked against this measurement instead of the
+issue's constant.
+
+``--arch FILE`` times a searched architecture (``arch.json`` of a search's run directory, whose ``config`` gives
+the supernet) instead of the uniform ``--keep`` subnet.
+
 ``--optimizer fused`` (default) is AdamW as retia's training modules build it (``retia.evaluators.optim.adamw``:
 the update of all tensors in one kernel); ``loop`` is ``torch.optim.AdamW``'s CPU default, a per-tensor Python
 loop (what retia used before; about a third of the supernet's step). ``--profile ROWS`` adds a
@@ -43,7 +57,7 @@ import sys
 import time
 from pathlib import Path
 
-REFERENCE_SECONDS = 0.45  # the original dingmyu/HR-NAS supernet step at this setting, measured on a 2-core CPU
+REFERENCE_SECONDS = 0.45  # the issue's figure for the original (no transformers) on a 2-core CPU; --original measures it
 
 
 def _rss_now_mb() -> float:
@@ -70,6 +84,66 @@ def preset_check(name: str) -> dict:
     return {k: [base[k], cfg[k]] for k in cfg if cfg[k] != base[k]}
 
 
+def original_network(repo: Path, cfg: dict, tokens: bool):
+    """dingmyu/HR-NAS's ``HighResolutionNet`` on the network of ``cfg`` (channels scaled as retia scales them),
+    with its transformers switched on when ``tokens``."""
+    from retia.errors import RetiaError
+    from retia.spaces.hrnas.network import make_divisible
+
+    if not (repo / "models" / "hrnet.py").is_file():
+        raise RetiaError(f"--original {repo}: expected a checkout of dingmyu/HR-NAS (models/hrnet.py not found)")
+    if tokens and cfg["token_size"] != 8:
+        raise RetiaError(f"--original: the original's transformer has 8x8 tokens, the preset has {cfg['token_size']}")
+    sys.path.insert(0, str(repo))
+    from models import hrnet
+    from models import mobilenet_base as mb
+
+    w, r = cfg["width_mult"], cfg["round_nearest"]
+    scale = lambda c: make_divisible(c * w, r)  # noqa: E731
+    if tokens:
+        plain_init = mb.InvertedResidualChannels.__init__
+
+        def with_transformer(self, *a, **k):
+            k["use_transformer"] = True
+            mb.transformer_dict = [cfg["max_tokens"]]  # read (and popped) by a block that takes a transformer
+            plain_init(self, *a, **k)
+
+        mb.InvertedResidualChannels.__init__ = with_transformer
+    act = {"relu": "nn.ReLU", "relu6": "nn.ReLU6"}[cfg["active_fn"]]
+    return hrnet.HighResolutionNet(
+        num_classes=cfg["num_classes"], input_size=cfg["input_size"], input_stride=4,
+        input_channel=[scale(c) for c in cfg["input_channel"]], last_channel=scale(cfg["last_channel"]),
+        head_channels=[scale(c) for c in cfg["head_channels"]], bn_momentum=cfg["bn_momentum"],
+        bn_epsilon=cfg["bn_eps"], dropout_ratio=cfg["dropout"], active_fn=act, width_mult=1.0,
+        round_nearest=r, expand_ratio=cfg["expand_ratio"], kernel_sizes=list(cfg["kernel_sizes"]),
+        inverted_residual_setting=[[n, list(b), [scale(c) for c in ch]] for n, b, ch in cfg["stages"]],
+        task="classification")
+
+
+def counted_macs(net, x) -> int:
+    """Multiply-adds of one eval forward of one sample (``FlopCounterMode`` FLOPs / 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = net.training
+    net.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x[:1])
+    net.train(was)
+    return counter.get_total_flops() // 2
+
+
+def load_searched(path: Path) -> tuple[dict, dict]:
+    """(config, arch) of a search's ``arch.json``."""
+    from retia.errors import RetiaError
+
+    try:
+        data = json.loads(path.read_text())
+        return data["config"], data["arch"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RetiaError(f"--arch {path}: expected a search's arch.json with 'config' and 'arch' ({e})") from None
+
+
 def measure(args: argparse.Namespace, which: str, forward: str) -> dict:
     """One child's measurement (runs in this process)."""
     import torch
@@ -82,18 +156,23 @@ def measure(args: argparse.Namespace, which: str, forward: str) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = hrnas.preset(args.preset)
+    cfg, searched = load_searched(args.arch) if args.arch else (hrnas.preset(args.preset), None)
     if cfg["task"] != "classification":
-        raise RetiaError(f"--preset {args.preset}: expected a classification preset (the step uses its head)")
+        raise RetiaError(f"{'--arch' if args.arch else '--preset'}: expected a classification network "
+                         f"(the step uses its head), got task {cfg['task']!r}")
     torch.manual_seed(args.seed)
     arch = hrnas.full_arch(cfg)
     if args.no_tokens:
         arch = {k: 0 if k.endswith(".tokens") else v for k, v in arch.items()}
-    net = hrnas.HRNet(cfg, arch)
+    if which == "original":
+        net = original_network(args.original, cfg, tokens=not args.no_tokens)
+    else:
+        net = hrnas.HRNet(cfg, arch)
     if which == "subnet":
-        arch = {k: min(v, arch[k]) for k, v in keep_arch(cfg, args.keep).items()}
+        target = searched if searched is not None else keep_arch(cfg, args.keep)
+        arch = {k: min(v, arch[k]) for k, v in hrnas.check_arch(cfg, target).items()}
         net = hrnas.subnet(net, arch)
-    if args.memory_format != "auto":
+    if args.memory_format != "auto" and which != "original":
         net.channels_last = args.memory_format == "channels_last"
     net.train()
     h, w = hnet.input_hw(cfg)
@@ -114,7 +193,7 @@ def measure(args: argparse.Namespace, which: str, forward: str) -> dict:
         opt.step()
         return loss
 
-    ctx = hnet.reference_forward() if forward == "reference" else contextlib.nullcontext()
+    ctx = hnet.reference_forward() if forward == "reference" and which != "original" else contextlib.nullcontext()
     with ctx:
         rss_before = _rss_now_mb()
         walls, cpus = [], []
@@ -135,7 +214,9 @@ def measure(args: argparse.Namespace, which: str, forward: str) -> dict:
                     step()
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile,
                                               max_name_column_width=60)
-    return {"model": which, "forward": forward, "macs": hrnas.count_macs(cfg, arch), "params": count_params(net),
+    counted = counted_macs(net, x)
+    return {"model": which, "forward": forward, "params": count_params(net), "counted_macs": counted,
+            "macs": counted if which == "original" else hrnas.count_macs(cfg, arch),
             "wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus), "wall_steps": walls,
             "cpu_steps": cpus, "peak_rss_mb": peak, "rss_before_mb": rss_before, "rss_rise_mb": peak - rss_before,
             "threads": torch.get_num_threads(), "loss": float(loss), "loadavg": os.getloadavg()[0],
@@ -147,6 +228,10 @@ def run_child(args: argparse.Namespace, which: str, forward: str) -> dict:
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--keep", str(args.keep), "--optimizer", args.optimizer, "--memory-format", args.memory_format,
            "--seed", str(args.seed), "--profile", str(args.profile)] + (["--no-tokens"] if args.no_tokens else [])
+    if args.original:
+        cmd += ["--original", str(args.original)]
+    if args.arch:
+        cmd += ["--arch", str(args.arch)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -176,7 +261,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", type=int, default=0, help="print a profiler table with this many rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
-    p.add_argument("--_child", choices=["supernet", "subnet"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--original", type=Path, default=None,
+                   help="a checkout of dingmyu/HR-NAS: also time its code on the same network")
+    p.add_argument("--arch", type=Path, default=None,
+                   help="a search's arch.json: time that arch (and its config's supernet) instead of --keep")
+    p.add_argument("--_child", choices=["supernet", "subnet", "original"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     from retia.errors import RetiaError
@@ -185,42 +274,51 @@ def main(argv: list[str] | None = None) -> dict:
         raise RetiaError("--batch-size, --steps and --repeats must be >= 1, --warmup >= 0")
     if not 0.0 <= args.keep <= 1.0:
         raise RetiaError(f"--keep {args.keep}: expected a fraction in [0, 1]")
+    if args.original is not None and not (args.original / "models" / "hrnet.py").is_file():
+        raise RetiaError(f"--original {args.original}: expected a checkout of dingmyu/HR-NAS "
+                         "(models/hrnet.py not found)")
+    if args.arch is not None and not args.arch.is_file():
+        raise RetiaError(f"--arch {args.arch}: no such file (expected a search's arch.json)")
     if args._child:
         result = measure(args, args._child, args.forward)
         print("RESULT " + json.dumps(result), flush=True)
         return result
 
     forwards = ["reference", "fast"] if args.forward == "both" else [args.forward]
-    models = ["supernet"] + (["subnet"] if args.keep > 0 else [])
+    models = ["supernet"] + (["subnet"] if args.keep > 0 or args.arch else [])
     runs: dict[tuple[str, str], list[dict]] = {(f, m): [] for f in forwards for m in models}
+    if args.original:
+        runs[("original", "original")] = []
     for r in range(args.repeats):
-        for f in forwards:
-            for m in models:
-                runs[(f, m)].append(run_child(args, m, f))
-                print(f"  run {r + 1}/{args.repeats} {f:9s} {m:8s}: wall {runs[(f, m)][-1]['wall_s']:.3f} s, "
-                      f"CPU {runs[(f, m)][-1]['cpu_s']:.3f} s (load {runs[(f, m)][-1]['loadavg']:.1f})",
-                      file=sys.stderr, flush=True)
+        for f, m in runs:
+            runs[(f, m)].append(run_child(args, m, "fast" if m == "original" else f))
+            print(f"  run {r + 1}/{args.repeats} {f:9s} {m:8s}: wall {runs[(f, m)][-1]['wall_s']:.3f} s, "
+                  f"CPU {runs[(f, m)][-1]['cpu_s']:.3f} s (load {runs[(f, m)][-1]['loadavg']:.1f})",
+                  file=sys.stderr, flush=True)
 
     summary: dict = {"preset": args.preset, "differs_from_cls_imagenet": preset_check(args.preset),
                      "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
                      "repeats": args.repeats, "optimizer": args.optimizer, "keep": args.keep,
                      "memory_format": args.memory_format, "no_tokens": args.no_tokens,
-                     "reference_original_s": REFERENCE_SECONDS, "results": {}}
+                     "reference_original_s": REFERENCE_SECONDS, "arch": str(args.arch) if args.arch else None,
+                     "results": {}}
     import torch
 
     summary["torch"] = torch.__version__
     cfg_note = ", ".join(f"{k} {a}->{b}" for k, (a, b) in summary["differs_from_cls_imagenet"].items())
     threads = runs[(forwards[0], "supernet")][0]["threads"]
     summary["threads"] = threads
-    print(f"HR-NAS training step: preset {args.preset} (cls_imagenet with {cfg_note})"
+    what = f"searched arch {args.arch} and its supernet" if args.arch else \
+        f"preset {args.preset} (cls_imagenet with {cfg_note})"
+    print(f"HR-NAS training step: {what}"
           f"{', transformers removed' if args.no_tokens else ''}, batch {args.batch_size}, "
           f"{args.optimizer}, {threads} thread(s), median of {args.steps} steps after {args.warmup} warm-up, "
           f"{args.repeats} process(es) each")
     print(f"{'forward':9s} {'model':10s} {'MACs':>8s} {'params':>8s} {'wall s':>7s} {'CPU s':>7s} "
           f"{'peak RSS MB':>11s} {'rise MB':>8s}")
-    for f in forwards:
+    for f in forwards + (["original"] if args.original else []):
         res = {}
-        for m in models:
+        for m in (["original"] if f == "original" else models):
             rs = runs[(f, m)]
             agg = {"macs": rs[0]["macs"], "params": rs[0]["params"],
                    "wall_s": statistics.median(r["wall_s"] for r in rs),
@@ -229,7 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "rss_rise_mb": statistics.median(r["rss_rise_mb"] for r in rs),
                    "runs": [{k: v for k, v in r.items() if k != "profile"} for r in rs]}
             res[m] = agg
-            label = "supernet" if m == "supernet" else f"keep {args.keep:g}"
+            label = {"supernet": "supernet", "original": "supernet"}.get(m, "searched" if args.arch else
+                                                                          f"keep {args.keep:g}")
             print(f"{f:9s} {label:10s} {agg['macs'] / 1e6:7.1f}M {agg['params'] / 1e6:7.2f}M {agg['wall_s']:7.3f} "
                   f"{agg['cpu_s']:7.3f} {agg['peak_rss_mb']:11.0f} {agg['rss_rise_mb']:8.0f}")
         if "subnet" in res:
@@ -245,9 +344,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"fast forward vs reference (supernet): wall x{summary['speedup']['wall']:.2f}, "
               f"CPU x{summary['speedup']['cpu']:.2f}")
     best = summary["results"][forwards[-1]]["supernet"]["wall_s"]
-    summary["meets_reference"] = best <= REFERENCE_SECONDS
-    print(f"original's supernet step {REFERENCE_SECONDS} s: {'met' if summary['meets_reference'] else 'not met'} "
-          f"({forwards[-1]} supernet wall {best:.3f} s)")
+    if args.original:
+        orig = summary["results"]["original"]["original"]
+        ours = summary["results"][forwards[-1]]["supernet"]
+        summary["meets_reference"] = best <= orig["wall_s"]
+        summary["vs_original"] = {"wall": orig["wall_s"] / best, "cpu": orig["cpu_s"] / ours["cpu_s"],
+                                  "macs": ours["macs"] / orig["macs"]}
+        print(f"original's supernet step, measured ({orig['wall_s']:.3f} s, {orig['macs'] / 1e6:.1f}M MACs counted): "
+              f"{'met' if summary['meets_reference'] else 'not met'} ({forwards[-1]} supernet wall {best:.3f} s, "
+              f"x{summary['vs_original']['wall']:.2f} wall, x{summary['vs_original']['cpu']:.2f} CPU)")
+    else:
+        summary["meets_reference"] = best <= REFERENCE_SECONDS
+        print(f"original's supernet step {REFERENCE_SECONDS} s (the issue's figure; --original measures it): "
+              f"{'met' if summary['meets_reference'] else 'not met'} ({forwards[-1]} supernet wall {best:.3f} s)")
     if args.profile:
         for f in forwards:
             table = runs[(f, "supernet")][0]["profile"]
