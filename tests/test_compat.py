@@ -98,14 +98,16 @@ def test_sequential_engine_leaves_no_trial_state_behind(tmp_path):
     assert nni.get_current_parameter() is None
 
 
-@pytest.mark.parametrize("preset, expected", [(None, "8192"), ("100", "100")])
-def test_onednn_primitive_cache_is_sized_on_import_unless_the_user_set_it(preset, expected):
+@pytest.mark.parametrize("module, preset, expected", [("retia.spaces.hrnas", None, "8192"),
+                                                      ("retia.spaces.hrnas", "100", "100"),
+                                                      ("retia", None, "unset")])
+def test_onednn_primitive_cache_is_sized_by_hrnas_unless_the_user_set_it(module, preset, expected):
     import os
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
     if preset is not None:
         env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = preset
-    out = subprocess.run([sys.executable, "-c", "import os, retia; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"],
-                         env=env, capture_output=True, text=True, check=True)
+    code = f"import os, {module}; print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY', 'unset'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
