@@ -109,7 +109,10 @@ def original_network(repo: Path, cfg: dict, tokens: bool):
             plain_init(self, *a, **k)
 
         mb.InvertedResidualChannels.__init__ = with_transformer
-    act = {"relu": "nn.ReLU", "relu6": "nn.ReLU6"}[cfg["active_fn"]]
+    act = {"relu": "nn.ReLU", "relu6": "nn.ReLU6"}.get(cfg["active_fn"])
+    if act is None:
+        raise RetiaError(f"--original: active_fn {cfg['active_fn']!r} has no counterpart in the original "
+                         "(expected relu or relu6)")
     return hrnet.HighResolutionNet(
         num_classes=cfg["num_classes"], input_size=cfg["input_size"], input_stride=4,
         input_channel=[scale(c) for c in cfg["input_channel"]], last_channel=scale(cfg["last_channel"]),
