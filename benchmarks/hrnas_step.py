@@ -84,16 +84,44 @@ def preset_check(name: str) -> dict:
     return {k: [base[k], cfg[k]] for k in cfg if cfg[k] != base[k]}
 
 
+ORIGINAL_ACTIVATIONS = {"relu": "nn.ReLU", "relu6": "nn.ReLU6"}
+
+
+def resolve_network(args: argparse.Namespace) -> tuple[dict, dict | None]:
+    """(config, searched arch or None) of the run, every input checked (one-line errors before any child runs)."""
+    from retia.errors import RetiaError
+    from retia.spaces import hrnas
+
+    if args.original is not None and not (args.original / "models" / "hrnet.py").is_file():
+        raise RetiaError(f"--original {args.original}: expected a checkout of dingmyu/HR-NAS "
+                         "(models/hrnet.py not found)")
+    if args.arch is not None:
+        if not args.arch.is_file():
+            raise RetiaError(f"--arch {args.arch}: no such file (expected a search's arch.json)")
+        cfg, searched = load_searched(args.arch)
+        cfg = hrnas.make_config(**cfg)
+    else:
+        cfg, searched = hrnas.preset(args.preset), None
+    if cfg["task"] != "classification":
+        raise RetiaError(f"{'--arch' if args.arch else '--preset'}: expected a classification network "
+                         f"(the step uses its head), got task {cfg['task']!r}")
+    if searched is not None:
+        searched = hrnas.check_arch(cfg, searched)
+    if args.original is not None:
+        if not args.no_tokens and cfg["token_size"] != 8:
+            raise RetiaError(f"--original: the original's transformer has 8x8 tokens, the network has "
+                             f"{cfg['token_size']} (use --no-tokens)")
+        if cfg["active_fn"] not in ORIGINAL_ACTIVATIONS:
+            raise RetiaError(f"--original: active_fn {cfg['active_fn']!r} has no counterpart in the original "
+                             f"(expected {' or '.join(ORIGINAL_ACTIVATIONS)})")
+    return cfg, searched
+
+
 def original_network(repo: Path, cfg: dict, tokens: bool):
     """dingmyu/HR-NAS's ``HighResolutionNet`` on the network of ``cfg`` (channels scaled as retia scales them),
     with its transformers switched on when ``tokens``."""
-    from retia.errors import RetiaError
     from retia.spaces.hrnas.network import make_divisible
 
-    if not (repo / "models" / "hrnet.py").is_file():
-        raise RetiaError(f"--original {repo}: expected a checkout of dingmyu/HR-NAS (models/hrnet.py not found)")
-    if tokens and cfg["token_size"] != 8:
-        raise RetiaError(f"--original: the original's transformer has 8x8 tokens, the preset has {cfg['token_size']}")
     sys.path.insert(0, str(repo))
     from models import hrnet
     from models import mobilenet_base as mb
@@ -109,10 +137,7 @@ def original_network(repo: Path, cfg: dict, tokens: bool):
             plain_init(self, *a, **k)
 
         mb.InvertedResidualChannels.__init__ = with_transformer
-    act = {"relu": "nn.ReLU", "relu6": "nn.ReLU6"}.get(cfg["active_fn"])
-    if act is None:
-        raise RetiaError(f"--original: active_fn {cfg['active_fn']!r} has no counterpart in the original "
-                         "(expected relu or relu6)")
+    act = ORIGINAL_ACTIVATIONS[cfg["active_fn"]]
     return hrnet.HighResolutionNet(
         num_classes=cfg["num_classes"], input_size=cfg["input_size"], input_stride=4,
         input_channel=[scale(c) for c in cfg["input_channel"]], last_channel=scale(cfg["last_channel"]),
@@ -142,27 +167,25 @@ def load_searched(path: Path) -> tuple[dict, dict]:
 
     try:
         data = json.loads(path.read_text())
-        return data["config"], data["arch"]
+        cfg, arch = data["config"], data["arch"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RetiaError(f"--arch {path}: expected a search's arch.json with 'config' and 'arch' ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(arch, dict):
+        raise RetiaError(f"--arch {path}: expected 'config' and 'arch' to be JSON objects")
+    return cfg, arch
 
 
-def measure(args: argparse.Namespace, which: str, forward: str) -> dict:
+def measure(args: argparse.Namespace, which: str, forward: str, cfg: dict, searched: dict | None) -> dict:
     """One child's measurement (runs in this process)."""
     import torch
     import torch.nn.functional as F
 
-    from retia.errors import RetiaError
     from retia.profile import count_params
     from retia.spaces import hrnas
     from retia.spaces.hrnas import network as hnet
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg, searched = load_searched(args.arch) if args.arch else (hrnas.preset(args.preset), None)
-    if cfg["task"] != "classification":
-        raise RetiaError(f"{'--arch' if args.arch else '--preset'}: expected a classification network "
-                         f"(the step uses its head), got task {cfg['task']!r}")
     torch.manual_seed(args.seed)
     arch = hrnas.full_arch(cfg)
     if args.no_tokens:
@@ -173,7 +196,7 @@ def measure(args: argparse.Namespace, which: str, forward: str) -> dict:
         net = hrnas.HRNet(cfg, arch)
     if which == "subnet":
         target = searched if searched is not None else keep_arch(cfg, args.keep)
-        arch = {k: min(v, arch[k]) for k, v in hrnas.check_arch(cfg, target).items()}
+        arch = {k: min(v, arch[k]) for k, v in target.items()}
         net = hrnas.subnet(net, arch)
     if args.memory_format != "auto" and which != "original":
         net.channels_last = args.memory_format == "channels_last"
@@ -277,13 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise RetiaError("--batch-size, --steps and --repeats must be >= 1, --warmup >= 0")
     if not 0.0 <= args.keep <= 1.0:
         raise RetiaError(f"--keep {args.keep}: expected a fraction in [0, 1]")
-    if args.original is not None and not (args.original / "models" / "hrnet.py").is_file():
-        raise RetiaError(f"--original {args.original}: expected a checkout of dingmyu/HR-NAS "
-                         "(models/hrnet.py not found)")
-    if args.arch is not None and not args.arch.is_file():
-        raise RetiaError(f"--arch {args.arch}: no such file (expected a search's arch.json)")
+    cfg, searched = resolve_network(args)
     if args._child:
-        result = measure(args, args._child, args.forward)
+        result = measure(args, args._child, args.forward, cfg, searched)
         print("RESULT " + json.dumps(result), flush=True)
         return result
 

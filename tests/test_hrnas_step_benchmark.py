@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -47,14 +48,10 @@ def test_searched_arch_is_timed_against_its_supernet(tmp_path):
     for which in ("supernet", "subnet"):
         run = res[which]["runs"][0]
         assert run["counted_macs"] == run["macs"]  # FlopCounterMode on the built network == closed form
-        assert run["wall_s"] > 0 and math_finite(run["loss"])
+        assert run["wall_s"] > 0 and math.isfinite(run["loss"])
     assert res["ratios"]["macs"] == pytest.approx(res["subnet"]["macs"] / res["supernet"]["macs"])
     assert 0 < res["ratios"]["macs"] < 1
     assert json.loads(out.read_text())["arch"] == str(path)
-
-
-def math_finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -71,8 +68,33 @@ def test_bad_inputs_are_one_line_errors(argv, words, tmp_path):
         assert w in str(err.value)
 
 
-def test_arch_file_without_config_is_a_one_line_error(tmp_path):
+def _write(tmp_path: Path, data) -> str:
     path = tmp_path / "arch.json"
-    path.write_text(json.dumps({"s0_b0_0.k3": 4}))
-    with pytest.raises(RetiaError, match="expected a search's arch.json with 'config' and 'arch'"):
-        hrnas_step.load_searched(path)
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("make, extra, words", [
+    (lambda cfg, arch: {"s0_b0_0.k3": 4}, [], ["expected a search's arch.json with 'config' and 'arch'"]),
+    (lambda cfg, arch: {"config": cfg, "arch": [1, 2]}, [], ["'config' and 'arch' to be JSON objects"]),
+    (lambda cfg, arch: {"config": cfg, "arch": {**arch, "nope.k3": 1}}, [], ["unknown key 'nope.k3'"]),
+    (lambda cfg, arch: {"config": {**cfg, "task": "segmentation"}, "arch": arch}, [],
+     ["expected a classification network", "'segmentation'"]),
+    (lambda cfg, arch: {"config": cfg, "arch": arch}, ["--original", "{repo}"], ["8x8 tokens", "has 4", "--no-tokens"]),
+    (lambda cfg, arch: {"config": {**cfg, "active_fn": "hswish"}, "arch": arch}, ["--original", "{repo}", "--no-tokens"],
+     ["active_fn 'hswish'", "relu or relu6"]),
+])
+def test_bad_arch_files_fail_before_any_measurement(make, extra, words, tmp_path):
+    from retia.spaces import hrnas
+
+    cfg = hrnas.preset("tiny")  # token_size 4
+    repo = tmp_path / "HR-NAS"
+    (repo / "models").mkdir(parents=True)
+    (repo / "models" / "hrnet.py").write_text("")
+    argv = ["--arch", _write(tmp_path, make(cfg, hrnas.full_arch(cfg)))] + [a.replace("{repo}", str(repo))
+                                                                            for a in extra]
+    with pytest.raises(RetiaError) as err:
+        hrnas_step.main(argv)
+    assert "\n" not in str(err.value)
+    for w in words:
+        assert w in str(err.value)
