@@ -11,8 +11,14 @@ none). Prints seconds per iteration, the best Zen-score and the peak memory (RSS
 
 ``--original DIR`` also runs the original ``evolution_search.main`` from a checkout of idstcv/ZenNAS at DIR
 (not part of retia; fetch it yourself) in a child process with the same settings, on the CPU: the only changes
-are that ``nn.Module.cuda`` is a no-op (the original calls ``.cuda(gpu)`` unconditionally) and a stand-in for the
-removed ``torch._six`` module; its torch threads are left at the default unless ``--original-threads``.
+are that ``nn.Module.cuda`` is a no-op (the original calls ``.cuda(gpu)`` unconditionally), a stand-in for the
+removed ``torch._six`` module, and that each candidate list its ``gen_search_space`` returns is put in retia's
+order. The original builds those lists with ``list(set(...))``, so their order (and with it the block that
+``random.choice`` picks) follows the string hash seed; in retia's order, the same seed makes both searches walk
+the *same* mutations — the same structures proposed, rejected and scored at every iteration — so the per-seed
+speed-up compares equal work. The walks are checked to be identical (the populations are compared) and the
+time spent re-ordering (a sort per list, ~1 ms per iteration) is subtracted from the original's time. Its torch
+threads are left at the default unless ``--original-threads``.
 
 Wall time per iteration depends on whatever else runs on the machine; CPU time per iteration (all threads of the
 search process) much less, so both are printed and the speed-up is given for both.
@@ -20,6 +26,7 @@ search process) much less, so both are printed and the speed-up is given for bot
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -48,6 +55,24 @@ _ORIGINAL_RUNNER = textwrap.dedent("""
     random.seed({seed}); np.random.seed({seed}); torch.manual_seed({seed})
     os.chdir({repo!r})
     import evolution_search as es
+    import global_utils
+    {retia_order_source}
+    reorder_seconds = [0.0]
+    load = global_utils.load_py_module_from_path
+
+    def load_in_retia_order(*a, **k):  # the search-space module, its candidate lists in retia's order
+        module = load(*a, **k)
+        gen, names = module.gen_search_space, [t.__name__ for g in module.seach_space_block_type_list_list for t in g]
+
+        def gen_search_space(block_list, block_id):
+            lists = gen(block_list, block_id)
+            t = time.perf_counter()
+            lists = retia_order(lists, names)
+            reorder_seconds[0] += time.perf_counter() - t
+            return lists
+        module.gen_search_space = gen_search_space
+        return module
+    global_utils.load_py_module_from_path = load_in_retia_order
     save = {save!r}
     open(os.path.join(save, 'init_plainnet.txt'), 'w').write({initial!r})
     argv = ['evolution_search.py', '--zero_shot_score', 'Zen', '--search_space', 'SearchSpace/search_space_XXBL.py',
@@ -58,11 +83,35 @@ _ORIGINAL_RUNNER = textwrap.dedent("""
     t0 = time.perf_counter()
     ru0 = resource.getrusage(resource.RUSAGE_SELF); cpu0 = ru0.ru_utime + ru0.ru_stime; rss0 = ru0.ru_maxrss / 1024
     structures, scores, _ = es.main(args, argv)
-    dt = time.perf_counter() - t0
+    dt = time.perf_counter() - t0 - reorder_seconds[0]
     ru = resource.getrusage(resource.RUSAGE_SELF)
+    import json
+    open(os.path.join(save, 'population.json'), 'w').write(json.dumps(structures))
     print('RESULT', dt, max(scores), len(structures), torch.get_num_threads(), ru.ru_maxrss / 1024,
-          ru.ru_utime + ru.ru_stime - cpu0, rss0)
+          ru.ru_utime + ru.ru_stime - cpu0 - reorder_seconds[0], rss0, reorder_seconds[0])
 """)
+
+
+def retia_order(lists: list[list[str]], type_names: list[str]) -> list[list[str]]:
+    """Each candidate list sorted as retia's ``SearchSpace`` builds it: block type in the space's order, then
+    output channels, sub-layers and bottleneck channels, each descending (``Name(in,out,stride[,btl,sub])``)."""
+    rank = {name: i for i, name in enumerate(type_names)}
+
+    def key(block: str):
+        name, _, args = block.partition("(")
+        v = [int(x) for x in args.rstrip(")").split(",")]
+        return (rank.get(name, -1), -v[1]) + ((-v[4], -v[3]) if len(v) == 5 else ())
+    return [sorted(lst, key=key) for lst in lists]
+
+
+def common_prefix(a: list[str], b: list[str]) -> int:
+    """How many leading entries two lists share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def run_original(repo: str, iterations: int, seed: int, threads: int) -> dict:
@@ -71,17 +120,20 @@ def run_original(repo: str, iterations: int, seed: int, threads: int) -> dict:
     if not (Path(repo) / "evolution_search.py").is_file():
         raise SystemExit(f"--original {repo!r}: expected a checkout of idstcv/ZenNAS (evolution_search.py)")
     with tempfile.TemporaryDirectory() as save:
+        order_source = inspect.getsource(retia_order)
         code = _ORIGINAL_RUNNER.format(repo=str(Path(repo).resolve()), threads=threads, seed=seed, save=save,
-                                       initial=INITIAL_STRUCTURES["cifar"], iterations=iterations)
-        env = dict(os.environ, PYTHONHASHSEED=str(seed))  # the original's candidate lists follow set order
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")]
-    if out.returncode != 0 or not line:
-        raise SystemExit(f"the original failed:\n{out.stderr[-3000:]}")
-    dt, best, population, nthreads, rss, cpu, rss0 = line[-1].split()[1:]
+                                       initial=INITIAL_STRUCTURES["cifar"], iterations=iterations,
+                                       retia_order_source=order_source)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")]
+        if out.returncode != 0 or not line:
+            raise SystemExit(f"the original failed:\n{out.stderr[-3000:]}")
+        structures = json.loads((Path(save) / "population.json").read_text())
+    dt, best, population, nthreads, rss, cpu, rss0, reorder = line[-1].split()[1:]
     return {"seconds": float(dt), "s_per_iteration": float(dt) / iterations, "best_score": float(best),
             "population": int(population), "threads": int(nthreads), "peak_rss_mib": float(rss),
-            "cpu_s_per_iteration": float(cpu) / iterations, "start_rss_mib": float(rss0)}
+            "cpu_s_per_iteration": float(cpu) / iterations, "start_rss_mib": float(rss0),
+            "reorder_seconds": float(reorder), "structures": structures}
 
 
 def _cpu_seconds() -> float:
@@ -119,6 +171,7 @@ def run_retia(iterations: int, seed: int, dedup: bool, channels_last: bool, rele
     return {"seconds": seconds, "s_per_iteration": seconds / iterations, "cpu_s_per_iteration": cpu / iterations,
             "best_score": best["score"],
             "best_structure": best["structure"], "counts": strategy.counts, "threads": threads,
+            "structures": [r["structure"] for r in strategy.population],
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "start_rss_mib": rss0}
 
 
@@ -165,6 +218,10 @@ def main(argv=None) -> dict:
         o = results["original"]
         print(f"speed-up: {o['s_per_iteration'] / r['s_per_iteration']:.2f}x wall, "
               f"{o['cpu_s_per_iteration'] / r['cpu_s_per_iteration']:.2f}x CPU time")
+        same = common_prefix(o["structures"], r["structures"])
+        results["same_walk"] = same == len(o["structures"]) == len(r["structures"])
+        print(f"same walk: {'yes' if results['same_walk'] else 'NO'} (the first {same} structures scored are "
+              f"identical; original {len(o['structures'])}, retia {len(r['structures'])})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
