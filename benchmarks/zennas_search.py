@@ -17,7 +17,7 @@ order. The original builds those lists with ``list(set(...))``, so their order (
 ``random.choice`` picks) follows the string hash seed; in retia's order, the same seed makes both searches walk
 the *same* mutations — the same structures proposed, rejected and scored at every iteration — so the per-seed
 speed-up compares equal work. The walks are checked to be identical (the populations are compared) and the
-time spent re-ordering (a sort per list, ~1 ms per iteration) is subtracted from the original's time. Its torch
+time spent re-ordering (a sort per list, ~6 ms per iteration) is subtracted from the original's time. Its torch
 threads are left at the default unless ``--original-threads``.
 
 Wall time per iteration depends on whatever else runs on the machine; CPU time per iteration (all threads of the
