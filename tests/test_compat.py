@@ -1,4 +1,4 @@
-"""The stack fixes applied on `import retia`."""
+"""The stack fixes applied on `import retia` (and the CPU kernel-cache setting applied on `import retia.spaces.hrnas`)."""
 import importlib
 import pickle
 import sys
