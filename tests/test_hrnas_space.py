@@ -196,18 +196,26 @@ def _fast_and_reference(cfg, dtype=torch.float64, batch=3, train=True, seed=0):
     dict(task="segmentation", num_classes=5, head_channels=None, last_channel=32),
     dict(input_size=[32, 24], kernel_sizes=[3, 7], active_fn="hswish"),
 ])
-def test_fast_forward_equals_reference_in_float64(kw, monkeypatch):
+@pytest.mark.parametrize("merge_depthwise", [True, False])
+def test_fast_forward_equals_reference_in_float64(kw, merge_depthwise, monkeypatch):
     # no dropout, so both paths compute the same function; float64, so rounding cannot hide a wrong formula
     cfg = hrnas.preset("tiny", dropout=0.0, transformer_dropout=0.0, **kw)
+    if not merge_depthwise:  # every hidden tensor over the limit: one depthwise conv per kernel branch
+        monkeypatch.setattr(hnet, "MERGED_DEPTHWISE_MAX_NUMEL", 0)
     modes = []
     apply = hnet._DepthwiseConvFn.apply
     monkeypatch.setattr(hnet._DepthwiseConvFn, "apply", lambda *a: modes.append(a[-1]) or apply(*a))
     merged = []
     orig = hnet.Block._branches_merged
     monkeypatch.setattr(hnet.Block, "_branches_merged", lambda self, x: merged.append(1) or orig(self, x))
+    one_conv = []
+    orig_dw = hnet._depthwise_merged
+    monkeypatch.setattr(hnet, "_depthwise_merged", lambda convs, x: one_conv.append(len(convs)) or orig_dw(convs, x))
     fast, ref, (out_f, out_r), (gx_f, gx_r) = _fast_and_reference(cfg)
-    # the fast paths really ran: merged branches, both depthwise backwards (maps of 2x2 and 4x4 in `tiny`)
+    # the fast paths really ran: merged branches, their depthwise convs as one zero-padded conv (or not), both
+    # depthwise backwards (maps of 2x2 and 4x4 in `tiny`)
     assert len(merged) == len(fast.blocks) and {"matrix", "batch-conv"} <= set(modes)
+    assert (len(one_conv) == len(fast.blocks)) if merge_depthwise else not one_conv
     assert out_f.shape == out_r.shape and out_f.is_contiguous()
     torch.testing.assert_close(out_f, out_r, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(gx_f, gx_r, rtol=1e-9, atol=1e-10)

@@ -480,19 +480,44 @@ def _depthwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     call on small maps (measured per shape of the ``cpu`` preset, docs/hrnas.md "Speed"), so maps of <= 2x2 take
     the ``"matrix"`` backward and 4x4 maps with kernels >= 5 the ``"batch-conv"`` weight gradient; elsewhere
     torch's own backward is the fastest."""
-    k = conv.kernel_size[0]
     hw = x.shape[-2] * x.shape[-1]
     if (x.device.type != "cpu" or not torch.is_grad_enabled() or not conv.weight.requires_grad or hw > 16
-            or _hooked(conv)
-            or conv.kernel_size[1] != k or conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]
-            or conv.dilation != (1, 1) or conv.bias is not None
-            or conv.groups != conv.in_channels or conv.out_channels != conv.in_channels):
+            or _hooked(conv) or not _plain_depthwise(conv)):
         return conv(x)
+    return _depthwise_cpu(x, conv.weight, conv.stride[0], conv.padding[0])
+
+
+def _plain_depthwise(conv: nn.Conv2d) -> bool:
+    """A depthwise conv with a square kernel, equal strides and paddings, no dilation, no bias."""
+    return (conv.kernel_size[1] == conv.kernel_size[0] and conv.stride[0] == conv.stride[1]
+            and conv.padding[0] == conv.padding[1] and conv.dilation == (1, 1) and conv.bias is None
+            and conv.groups == conv.in_channels == conv.out_channels)
+
+
+def _depthwise_cpu(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    """A depthwise conv on the CPU with gradients, its backward chosen by map size as :func:`_depthwise` says."""
+    hw = x.shape[-2] * x.shape[-1]
     if hw <= 4:
-        return _DepthwiseConvFn.apply(x, conv.weight, conv.stride[0], conv.padding[0], "matrix")
-    if k >= 5:
-        return _DepthwiseConvFn.apply(x, conv.weight, conv.stride[0], conv.padding[0], "batch-conv")
-    return conv(x)
+        return _DepthwiseConvFn.apply(x, weight, stride, padding, "matrix")
+    if hw <= 16 and weight.shape[-1] >= 5:
+        return _DepthwiseConvFn.apply(x, weight, stride, padding, "batch-conv")
+    return F.conv2d(x, weight, None, stride, padding, 1, weight.shape[0])
+
+
+# the largest hidden tensor (elements) whose kernel branches run as one zero-padded depthwise conv in training on
+# the CPU: below it the per-op cost dominates (forward + backward of the {3,5,7} branches of 24 channels on an 8x8
+# map, batch 8: 1.13 ms as three convs, 0.75 ms as one), above it the padding's extra multiply-adds do (on 32x32:
+# 4.4 ms against 5.7 ms); measured per shape, docs/hrnas.md "Speed"
+MERGED_DEPTHWISE_MAX_NUMEL = 160_000
+
+
+def _depthwise_merged(convs: list[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
+    """The depthwise convs ``convs`` on their consecutive channel slices of ``x`` as one depthwise conv whose
+    kernels are zero-padded to the largest one: the same outputs, and the same gradients for each conv's weight
+    (the padding taps are constants built each call, not parameters)."""
+    kmax = max(conv.kernel_size[0] for conv in convs)
+    weight = torch.cat([F.pad(conv.weight, [(kmax - conv.kernel_size[0]) // 2] * 4) for conv in convs])
+    return _depthwise_cpu(x, weight, convs[0].stride[0], kmax // 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -693,12 +718,17 @@ class Block(nn.Module):
     def _branches_merged(self, x):
         """The kernel branches as one expand conv, one BN, one activation, the depthwise convs on their channel
         slices, one BN, one activation and one projection conv (the branch sum): the same math with the branches'
-        weights concatenated."""
+        weights concatenated. Training on the CPU with a small hidden tensor, the depthwise convs run as one
+        (:func:`_depthwise_merged`); with gradients off (evaluation, MACs counting) they stay one conv per kernel."""
         ops = list(self.ops.values())
         h = F.conv2d(x, torch.cat([op[0][0].weight for op in ops]))
         h = ops[0][0][2](_batch_norm_cat([op[0][1] for op in ops], h))
-        parts = h.split(self.channels, dim=1)
-        h = torch.cat([_depthwise(op[1][0], t) for op, t in zip(ops, parts)], dim=1)
+        convs = [op[1][0] for op in ops]
+        if (h.device.type == "cpu" and torch.is_grad_enabled() and h.numel() <= MERGED_DEPTHWISE_MAX_NUMEL
+                and all(_plain_depthwise(c) and c.padding[0] == c.kernel_size[0] // 2 for c in convs)):
+            h = _depthwise_merged(convs, h)
+        else:
+            h = torch.cat([_depthwise(conv, t) for conv, t in zip(convs, h.split(self.channels, dim=1))], dim=1)
         h = ops[0][1][2](_batch_norm_cat([op[1][1] for op in ops], h))
         return F.conv2d(h, torch.cat([op[2].weight for op in ops], dim=1))
 
