@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import sys
 import types
 import warnings
@@ -68,6 +69,43 @@ def _patch_strategy_checkpoints() -> None:
         return safe_torch_load(serializer._find_path_with_prefix(path, self.suffix), self._map_location)
 
     serializer.TorchSerializer.load = load
+
+
+def _patch_atomic_checkpoints() -> None:
+    # NNI writes its experiment checkpoint in place (config.json opened with "w", then state.ckpt): a search killed
+    # during the write left an empty config.json that exp.resume() cannot read. Write each file under a temporary
+    # name and rename it into place, so a kill keeps the previous complete checkpoint.
+    import nni
+    from nni.nas.experiment import experiment as nas_experiment
+    from nni.nas.utils import serializer
+
+    def atomic_write(final: Path, write) -> None:
+        tmp = final.with_name(final.name + ".tmp")
+        write(tmp)
+        os.replace(tmp, final)
+
+    def save(self, checkpoint, path):
+        import torch
+
+        atomic_write(Path(str(path) + self.suffix), lambda tmp: torch.save(checkpoint, str(tmp)))
+
+    def dump_config(exp, tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            nni.dump(exp.config.json(), fp=f, indent=2)
+
+    def save_checkpoint(self) -> None:
+        try:
+            directory = self._checkpoint_directory
+            directory.mkdir(parents=True, exist_ok=True)
+            atomic_write(directory / "config.json", lambda tmp: dump_config(self, tmp))
+            if self._engine is not None:
+                serializer.get_default_serializer().save(self.state_dict(), directory / "state.ckpt")
+            nas_experiment._logger.info("Checkpoint saved to %s.", directory)
+        except Exception:
+            nas_experiment._logger.exception("Error occurred when saving checkpoint.")
+
+    serializer.TorchSerializer.save = save
+    nas_experiment.NasExperiment.save_checkpoint = save_checkpoint
 
 
 def _patch_pkg_resources() -> None:
@@ -180,6 +218,7 @@ def apply() -> None:
     _patch_pkg_resources()
     _patch_crypten_import()
     _patch_strategy_checkpoints()
+    _patch_atomic_checkpoints()
     _patch_sequential_trial_state()
     _patch_tuner_resume_replay()
     _applied = True

@@ -1,5 +1,6 @@
 """The stack fixes applied on `import retia` (and the CPU kernel-cache setting applied on `import retia.spaces.hrnas`)."""
 import importlib
+import json
 import pickle
 import sys
 
@@ -111,3 +112,49 @@ def test_onednn_primitive_cache_is_sized_by_hrnas_unless_the_user_set_it(module,
     code = f"import os, {module}; print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY', 'unset'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_nni_checkpoint_files_are_replaced_atomically(tmp_path, monkeypatch):
+    """A search killed while NNI writes its checkpoint keeps the previous complete files (NNI itself truncated
+    config.json first, and a kill there left an empty file that resume() could not read)."""
+    import nni
+    from nni.nas.experiment import NasExperiment
+    from nni.nas.utils.serializer import TorchSerializer
+
+    import retia  # noqa: F401  (applies the fixes)
+
+    ser = TorchSerializer()
+    ser.save({"step": 1}, tmp_path / "state.ckpt")
+    assert ser.load(tmp_path / "state.ckpt") == {"step": 1}
+
+    def killed(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ser.save({"step": 2}, tmp_path / "state.ckpt")
+    monkeypatch.undo()
+    assert ser.load(tmp_path / "state.ckpt") == {"step": 1}
+
+    class Exp:  # what save_checkpoint uses of a NasExperiment
+        _checkpoint_directory = tmp_path / "checkpoint"
+        _engine = None
+
+        class config:
+            @staticmethod
+            def json():
+                return {"trial_concurrency": 1}
+
+    NasExperiment.save_checkpoint(Exp())
+    config = Exp._checkpoint_directory / "config.json"
+    assert json.loads(config.read_text()) == {"trial_concurrency": 1}
+
+    def dump_killed(obj, fp, **kw):
+        fp.write("{")
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(nni, "dump", dump_killed)
+    NasExperiment.save_checkpoint(Exp())  # NNI logs a failed save and goes on
+    assert json.loads(config.read_text()) == {"trial_concurrency": 1}
