@@ -22,7 +22,10 @@ HR-NAS segmentation and / or keypoint families as held-out downstream targets.
    FLOPs / params themselves, up to sign);
 4. runs a predictor-guided regularized evolution (NNI, retia's ``ConstrainedEvolution``) over the held-out archs
    with half of them as the trial budget, and reports the true rank and gap of what it picks;
-5. with ``--noise-ceiling K``: retrains the first K archs of every family with a second training seed and reports
+5. with several ``--split-seed`` values: steps 2-3 on every split (the GNN trained on the sources once per seed,
+   fine-tuned per split), metrics averaged over the splits, and per target the number of splits on which the
+   GNN's SRCC is above FLOPs' and params' (a single 12-arch split moves by 0.02-0.05 per swapped pair);
+6. with ``--noise-ceiling K``: retrains the first K archs of every family with a second training seed and reports
    the test-retest SRCC between the two label sets (how far the labels themselves can be trusted).
 
 Outputs in ``--output``: ``results.json`` (settings, families, metrics, searches, ceilings), ``results.csv`` (one
@@ -71,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse an existing family file for SPACE (repeatable)")
     p.add_argument("--finetune", type=int, default=20, help="target archs to fine-tune on (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="predictor seeds (default: 0 1 2)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the fine-tune / test split")
+    p.add_argument("--split-seed", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="seed(s) of the fine-tune / test split; several average every metric over the splits and "
+                        "count on how many the GNN beats each baseline (predictions, scatter plot and search: the "
+                        "first split; default: 0)")
     p.add_argument("--family-seed", type=int, default=0, help="seed of the families' sampling and training")
     p.add_argument("--predictor-epochs", type=positive_int, default=40)
     p.add_argument("--finetune-epochs", type=positive_int, default=50)
@@ -117,62 +123,75 @@ def _family_files(items: list[str]) -> dict[str, Path]:
     return out
 
 
-def _summary(rows: list[dict]) -> dict[str, float]:
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in METRICS}
-    std = {f"{k}_std": float(np.std([r[k] for r in rows])) for k in METRICS}
-    return {**mean, **std, "n": rows[0]["n"], "seeds": len(rows)}
+def _mean_std(rows: list[dict]) -> dict[str, float]:
+    return {**{k: float(np.mean([r[k] for r in rows])) for k in METRICS},
+            **{f"{k}_std": float(np.std([r[k] for r in rows])) for k in METRICS}}
 
 
 def evaluate_target(target: str, families: dict[str, tuple[list, np.ndarray]], args,
                     metric: str = "top1") -> dict[str, Any]:
-    """Every predictor on one held-out family (see the module docstring); ``metric`` names its labels."""
+    """Every predictor on one held-out family (see the module docstring); ``metric`` names its labels. With several
+    ``--split-seed`` values every split is evaluated (the GNN trained on the source families once per predictor
+    seed, fine-tuned once per split); metrics are means over splits (and seeds), ``per_split`` keeps each split's
+    and ``wins`` counts the splits where the GNN's mean SRCC is above a baseline's."""
     from retia.evaluators.aiop.predictor import FlopsPredictor, GNNPredictor, ParamsPredictor, split_family
 
     graphs, labels = families[target]
-    ft_idx, test_idx = split_family(graphs, args.finetune, seed=args.split_seed)
-    g_ft, y_ft = [graphs[i] for i in ft_idx], labels[ft_idx]
-    g_te, y_te = [graphs[i] for i in test_idx], labels[test_idx]
     sources = [s for s in families if s != target and get_space(s).task == "classification"]
     g_src = [g for s in sources for g in families[s][0]]
     y_src = np.concatenate([families[s][1] for s in sources]) if sources else None
     features = False if args.no_graph_features else [f.strip() for f in args.graph_features.split(",") if f.strip()]
     make = lambda seed: GNNPredictor(norm=args.norm, epochs=args.predictor_epochs, seed=seed,  # noqa: E731
                                      graph_features=features)
-    runs: dict[str, list[dict]] = {"gnn": [], "gnn_zero_shot": []}
-    preds: dict[str, np.ndarray] = {}
-    first = None
-    for seed in args.seeds:
-        if sources:
-            base = make(seed).fit(g_src, y_src)
-            runs["gnn_zero_shot"].append(base.score(g_te, y_te))
-            tuned = base.fine_tune(g_ft, y_ft, epochs=args.finetune_epochs, batch_size=args.finetune_batch,
-                                   val_fraction=args.finetune_val)
-        else:
-            tuned = make(seed).fit(g_ft, y_ft)
-        runs["gnn"].append(tuned.score(g_te, y_te))
-        if first is None:
-            first = tuned
-            preds["gnn"] = tuned.predict(g_te)
+    bases = {seed: make(seed).fit(g_src, y_src) for seed in args.seeds} if sources else {}
+    runs: dict[str, list[dict]] = {"gnn": [], "gnn_zero_shot": [], "flops": [], "params": []}
+    per_split, out = [], None
+    for split in args.split_seed:
+        ft_idx, test_idx = split_family(graphs, args.finetune, seed=split)
+        g_ft, y_ft = [graphs[i] for i in ft_idx], labels[ft_idx]
+        g_te, y_te = [graphs[i] for i in test_idx], labels[test_idx]
+        split_runs: dict[str, list[dict]] = {"gnn": [], "gnn_zero_shot": []}
+        first = None
+        for seed in args.seeds:
+            if sources:
+                split_runs["gnn_zero_shot"].append(bases[seed].score(g_te, y_te))
+                tuned = bases[seed].fine_tune(g_ft, y_ft, epochs=args.finetune_epochs, batch_size=args.finetune_batch,
+                                              val_fraction=args.finetune_val)
+            else:
+                tuned = make(seed).fit(g_ft, y_ft)
+            split_runs["gnn"].append(tuned.score(g_te, y_te))
+            if first is None:
+                first = tuned
+        baselines = {name: cls().fit(g_ft, y_ft) for name, cls in (("flops", FlopsPredictor),
+                                                                     ("params", ParamsPredictor))}
+        for name, p in baselines.items():
+            split_runs[name] = [p.score(g_te, y_te)]
+        for name, rows in split_runs.items():
+            runs[name].extend(rows)
+        per_split.append({"split_seed": split, **{name: _mean_std(rows) for name, rows in split_runs.items() if rows}})
+        if out is None:  # the first split's predictions and search, as with a single split
+            preds = {"gnn": first.predict(g_te), **{k: p.predict(g_te) for k, p in baselines.items()}}
+            out = {"predictions": [{"name": g.name, "true": float(t), **{k: float(v[i]) for k, v in preds.items()}}
+                                   for i, (g, t) in enumerate(zip(g_te, y_te))],
+                   "finetune": len(ft_idx), "test": len(test_idx)}
+            if not args.no_search:
+                from retia.evaluators.aiop.search import guided_search
+
+                trials = max(2, len(g_te) // 2)
+                out["search"] = {name: guided_search(p, g_te, y_te, trials=trials, seed=split)
+                                 for name, p in (("gnn", first), ("flops", baselines["flops"]))}
     if not runs["gnn_zero_shot"]:
         del runs["gnn_zero_shot"]
-    results = {name: _summary(rows) for name, rows in runs.items()}
-    results = {"gnn": results["gnn"], **{k: v for k, v in results.items() if k != "gnn"}}
-    for name, cls in (("flops", FlopsPredictor), ("params", ParamsPredictor)):
-        p = cls().fit(g_ft, y_ft)
-        preds[name] = p.predict(g_te)
-        results[name] = {**p.score(g_te, y_te), "seeds": 1}
-    out: dict[str, Any] = {"target": target, "metric": metric, "sources": sources, "finetune": len(ft_idx),
-                           "test": len(test_idx),
-                           "metrics": results, "per_seed": runs,
-                           "predictions": [{"name": g.name, "true": float(t), **{k: float(v[i]) for k, v in preds.items()}}
-                                           for i, (g, t) in enumerate(zip(g_te, y_te))]}
-    if not args.no_search:
-        from retia.evaluators.aiop.search import guided_search
-
-        trials = max(2, len(g_te) // 2)
-        out["search"] = {name: guided_search(p, g_te, y_te, trials=trials, seed=args.split_seed)
-                         for name, p in (("gnn", first), ("flops", FlopsPredictor().fit(g_ft, y_ft)))}
-    return out
+    results = {name: {**_mean_std(rows), "n": rows[0]["n"], "seeds": 1 if name in ("flops", "params")
+                      else len(args.seeds), "splits": len(args.split_seed)} for name, rows in runs.items()}
+    wins = {}
+    for name in ("flops", "params"):
+        diff = [s["gnn"]["srcc"] - s[name]["srcc"] for s in per_split]
+        wins[name] = {"above": sum(d > 0 for d in diff), "splits": len(diff), "mean_diff": float(np.mean(diff)),
+                      "min_diff": float(np.min(diff))}
+    per_seed = {name: rows for name, rows in runs.items() if name.startswith("gnn")}
+    return {"target": target, "metric": metric, "sources": sources, "split_seeds": list(args.split_seed),
+            "metrics": results, "per_seed": per_seed, "per_split": per_split, "wins": wins, **out}
 
 
 def scatter(results: list[dict], path: Path) -> Path:
@@ -209,7 +228,8 @@ def _table(results: list[dict]) -> str:
         for name, m in res["metrics"].items():
             def cell(k):
                 sd = m.get(f"{k}_std")
-                return f"{m[k]:.3f}" + (f" ± {sd:.3f}" if sd is not None and m.get("seeds", 1) > 1 else "")
+                spread = m.get("seeds", 1) > 1 or m.get("splits", 1) > 1
+                return f"{m[k]:.3f}" + (f" ± {sd:.3f}" if sd is not None and spread else "")
             lines.append(f"{res['target']:<12} {name:<15} {cell('srcc'):<15} {cell('kendall'):<15} "
                          f"{cell('mae'):<14} {cell('mape')}")
     return "\n".join(lines)
@@ -230,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     reuse = _family_files(args.family_file)
     if not args.seeds:
         raise RetiaError("--seeds: expected at least one seed")
+    if len(set(args.split_seed)) != len(args.split_seed):
+        raise RetiaError(f"--split-seed {' '.join(map(str, args.split_seed))}: expected distinct seeds")
     start = time.perf_counter()
     run = RunDir(args.output)
     families: dict[str, tuple[list, np.ndarray]] = {}
@@ -271,6 +293,11 @@ def main(argv: list[str] | None = None) -> dict:
     results = [evaluate_target(t, families, args, metrics[t]) for t in spaces]
     predictor_seconds = round(time.perf_counter() - t0, 1)
     print(_table(results))
+    if len(args.split_seed) > 1:
+        for res in results:
+            for name, w in res["wins"].items():
+                print(f"{res['target']}: GNN SRCC above {name} on {w['above']} of {w['splits']} splits (mean "
+                      f"difference {w['mean_diff']:+.3f}, worst split {w['min_diff']:+.3f})")
     for space, c in ceilings.items():
         print(f"{space}: label-noise ceiling: test-retest SRCC {c['srcc']:.3f}, Kendall tau {c['kendall']:.3f} "
               f"({c['k']} archs retrained with a second seed; predictor ceiling ~ sqrt = {c['ceiling']:.2f})")
@@ -287,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     run.write_json("results.json", summary)
     with (run.path / "results.csv").open("w", newline="") as f:
         fields = ["target", "metric", "sources", "predictor", *METRICS, *(f"{k}_std" for k in METRICS), "n",
-                  "seeds"]
+                  "seeds", "splits"]
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for r in results:

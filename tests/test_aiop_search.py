@@ -189,3 +189,43 @@ def test_downstream_option_names_families(tmp_path):
             main(["--downstream", value, "--output", str(tmp_path / "x")])
         assert "\n" not in str(info.value)
     assert not (tmp_path / "x").exists()
+
+
+def test_experiment_averages_over_several_splits(pool):
+    from retia.evaluators.aiop.predictor import ParamsPredictor, split_family
+    from retia.experiments.aiop_predictor import build_parser, evaluate_target
+
+    _, graphs, labels = pool
+    families = {"zennas": (graphs, labels)}
+    common = ["--finetune", "6", "--seeds", "0", "1", "--predictor-epochs", "3", "--no-search"]
+    several = evaluate_target("zennas", families, build_parser().parse_args(common + ["--split-seed", "0", "1", "2"]))
+    single = evaluate_target("zennas", families, build_parser().parse_args(common + ["--split-seed", "0"]))
+    assert [s["split_seed"] for s in several["per_split"]] == [0, 1, 2] and several["split_seeds"] == [0, 1, 2]
+    # the first split is exactly the single-split run: metrics, per-seed rows and predictions
+    for k in ("srcc", "kendall", "mae", "mape", "srcc_std"):
+        assert several["per_split"][0]["gnn"][k] == single["metrics"]["gnn"][k]
+    assert several["per_seed"]["gnn"][:2] == single["per_seed"]["gnn"]
+    assert several["predictions"] == single["predictions"]
+    for s in several["per_split"]:  # each split's baselines are those fitted on that split's 6 archs
+        ft, te = split_family(graphs, 6, seed=s["split_seed"])
+        expect = ParamsPredictor().fit([graphs[i] for i in ft], labels[ft]).score([graphs[i] for i in te], labels[te])
+        assert s["params"]["srcc"] == pytest.approx(expect["srcc"])
+        assert s["flops"]["srcc"] == pytest.approx(1.0)  # the labels are a line in log10(FLOPs)
+    for name in ("gnn", "flops", "params"):  # the reported metrics are means over the splits (and seeds)
+        per = [s[name]["srcc"] for s in several["per_split"]]
+        assert several["metrics"][name]["srcc"] == pytest.approx(np.mean(per))
+        assert several["metrics"][name]["splits"] == 3
+    assert len(several["per_seed"]["gnn"]) == 3 * 2
+    for name in ("flops", "params"):
+        diff = [s["gnn"]["srcc"] - s[name]["srcc"] for s in several["per_split"]]
+        assert several["wins"][name] == {"above": sum(d > 0 for d in diff), "splits": 3,
+                                         "mean_diff": pytest.approx(np.mean(diff)), "min_diff": pytest.approx(min(diff))}
+    assert several["wins"]["flops"]["above"] == 0  # nothing ranks a line in log FLOPs better than FLOPs
+
+
+def test_experiment_refuses_repeated_split_seeds(tmp_path):
+    from retia.experiments.aiop_predictor import main
+
+    with pytest.raises(RetiaError, match="--split-seed 1 1: expected distinct seeds"):
+        main(["--split-seed", "1", "1", "--output", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
