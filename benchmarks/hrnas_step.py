@@ -249,6 +249,14 @@ def measure(args: argparse.Namespace, which: str, forward: str, cfg: dict, searc
             "profile": table}
 
 
+def child_failure(which: str, returncode: int, stderr: str) -> str:
+    """One line saying why a measurement's child failed: its exit status and the last line of its stderr (the
+    exception), not the whole traceback."""
+    lines = [x.strip() for x in stderr.splitlines() if x.strip()]
+    why = lines[-1] if lines else "no error output, and no RESULT line on stdout"
+    return f"the {which} measurement failed (exit status {returncode}): {why}"
+
+
 def run_child(args: argparse.Namespace, which: str, forward: str) -> dict:
     cmd = [sys.executable, __file__, "--_child", which, "--forward", forward, "--preset", args.preset,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -263,7 +271,7 @@ def run_child(args: argparse.Namespace, which: str, forward: str) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
-        raise SystemExit(f"the {which} measurement failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(child_failure(which, out.returncode, out.stderr))
     return json.loads(lines[-1][len("RESULT "):])
 
 

@@ -114,6 +114,15 @@ def common_prefix(a: list[str], b: list[str]) -> int:
     return n
 
 
+def original_failure(repo: str, returncode: int, stderr: str) -> str:
+    """One line saying why the original's child failed: its exit status and the last line of its stderr (the
+    exception), not the whole traceback."""
+    lines = [x.strip() for x in stderr.splitlines() if x.strip()]
+    why = lines[-1] if lines else "no error output, and no RESULT line on stdout"
+    return (f"--original {repo!r}: the original's search failed (exit status {returncode}): {why} "
+            "(expected a working checkout of idstcv/ZenNAS)")
+
+
 def run_original(repo: str, iterations: int, seed: int, threads: int) -> dict:
     from retia.spaces.zennas import INITIAL_STRUCTURES
 
@@ -127,7 +136,7 @@ def run_original(repo: str, iterations: int, seed: int, threads: int) -> dict:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")]
         if out.returncode != 0 or not line:
-            raise SystemExit(f"the original failed:\n{out.stderr[-3000:]}")
+            raise SystemExit(original_failure(repo, out.returncode, out.stderr))
         structures = json.loads((Path(save) / "population.json").read_text())
     dt, best, population, nthreads, rss, cpu, rss0, reorder = line[-1].split()[1:]
     return {"seconds": float(dt), "s_per_iteration": float(dt) / iterations, "best_score": float(best),

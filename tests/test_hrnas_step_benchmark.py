@@ -1,6 +1,7 @@
 """benchmarks/hrnas_step.py: a searched arch.json is timed against its config's supernet, both MACs figures (the
 closed form and torch's FlopCounterMode) agree, and its bad inputs are one-line errors. (The ``--original`` run
-needs a checkout of dingmyu/HR-NAS, which is not part of retia; only its input check is tested here.)"""
+needs a checkout of dingmyu/HR-NAS, which is not part of retia; its input check and a broken stand-in checkout are
+tested here.)"""
 from __future__ import annotations
 
 import importlib.util
@@ -98,3 +99,20 @@ def test_bad_arch_files_fail_before_any_measurement(make, extra, words, tmp_path
     assert "\n" not in str(err.value)
     for w in words:
         assert w in str(err.value)
+
+
+def test_a_broken_original_checkout_fails_in_one_line(tmp_path):
+    import argparse
+
+    repo = tmp_path / "HR-NAS"
+    (repo / "models").mkdir(parents=True)
+    (repo / "models" / "__init__.py").write_text("")
+    (repo / "models" / "hrnet.py").write_text("raise ImportError('this checkout needs torch 1.4')\n")
+    args = argparse.Namespace(preset="tiny", batch_size=2, steps=1, warmup=0, keep=0.5, optimizer="fused",
+                              memory_format="auto", seed=0, profile=0, no_tokens=True, original=repo, arch=None,
+                              threads=1)
+    with pytest.raises(SystemExit) as info:
+        hrnas_step.run_child(args, "original", "fast")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message == ("the original measurement failed (exit status 1): ImportError: this checkout needs torch 1.4")

@@ -8,6 +8,8 @@ import random
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from retia.spaces import zennas
 from retia.spaces.zennas.search_space import get_space
 
@@ -83,3 +85,17 @@ def test_original_runner_draws_from_lists_in_retias_order(tmp_path):
     pool = [s for lst in _ours(block) for s in lst]
     assert out["structures"] == [rng.choice(pool) for _ in range(5)]
     assert out["best_score"] == 4.0 and out["population"] == 5 and out["reorder_seconds"] > 0
+
+
+def test_a_broken_original_checkout_fails_in_one_line(tmp_path):
+    repo = tmp_path / "ZenNAS"
+    repo.mkdir()
+    (repo / "evolution_search.py").write_text("import torch_nonexistent_module\n")
+    with pytest.raises(SystemExit) as info:
+        bench.run_original(str(repo), iterations=2, seed=0, threads=1)
+    message = str(info.value)
+    assert "\n" not in message and repr(str(repo)) in message
+    assert "exit status 1" in message and "No module named" in message
+    assert bench.original_failure("/x", 0, "") == ("--original '/x': the original's search failed (exit status 0): no "
+                                                  "error output, and no RESULT line on stdout (expected a working "
+                                                  "checkout of idstcv/ZenNAS)")
