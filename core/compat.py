@@ -209,6 +209,27 @@ def _patch_sequential_trial_state() -> None:
     SequentialExecutionEngine._run_single_model = _run_single_model
 
 
+def _patch_layernorm_slicing() -> None:
+    # NNI's one-shot MixedLayerNorm slices its weight with a *list* of slices (weight[[slice(0, n)]]), which torch
+    # has deprecated ("will be interpreted as tensor index"; it warns in every AutoFormer one-shot run): the same
+    # slicing with a tuple, which means the same today and keeps meaning it.
+    from nni.nas.oneshot.pytorch.supermodule.operation import MixedLayerNorm
+
+    def _freeze_weight_impl(self, normalized_shape, **kwargs):
+        if isinstance(normalized_shape, dict):
+            normalized_shape = self.normalized_shape
+        if isinstance(normalized_shape, int):
+            normalized_shape = (normalized_shape,)
+        if isinstance(self.normalized_shape, int):
+            normalized_shape = (self.normalized_shape,)
+        index = tuple(slice(0, min(i, j)) for i, j in zip(normalized_shape, self.normalized_shape))
+        weight = self.weight[index] if self.weight is not None else None
+        bias = self.bias[index] if self.bias is not None else None
+        return {"weight": weight, "bias": bias, "normalized_shape": normalized_shape}
+
+    MixedLayerNorm._freeze_weight_impl = _freeze_weight_impl
+
+
 def apply() -> None:
     """Apply every fix once; safe to call again."""
     global _applied
@@ -221,4 +242,5 @@ def apply() -> None:
     _patch_atomic_checkpoints()
     _patch_sequential_trial_state()
     _patch_tuner_resume_replay()
+    _patch_layernorm_slicing()
     _applied = True

@@ -158,3 +158,25 @@ def test_nni_checkpoint_files_are_replaced_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(nni, "dump", dump_killed)
     NasExperiment.save_checkpoint(Exp())  # NNI logs a failed save and goes on
     assert json.loads(config.read_text()) == {"trial_concurrency": 1}
+
+
+def test_one_shot_layernorm_slices_without_the_deprecated_list_index():
+    import warnings
+
+    import torch
+    from nni.nas.oneshot.pytorch.supermodule.operation import MixedLayerNorm
+
+    import retia  # noqa: F401  (applies the fixes)
+
+    for full, chosen in (((8,), (5,)), ((4, 6), (3, 4))):
+        ln = torch.nn.LayerNorm(full)
+        with torch.no_grad():
+            ln.weight.copy_(torch.arange(ln.weight.numel(), dtype=torch.float32).view(full))
+            ln.bias.copy_(-ln.weight)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # NNI's own code warns "non-tuple sequence for multidimensional indexing"
+            out = MixedLayerNorm._freeze_weight_impl(ln, chosen)
+        index = tuple(slice(0, n) for n in chosen)
+        assert out["normalized_shape"] == chosen
+        assert torch.equal(out["weight"], ln.weight[index]) and torch.equal(out["bias"], ln.bias[index])
+        assert out["weight"].shape == chosen
