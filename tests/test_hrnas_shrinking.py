@@ -40,11 +40,11 @@ def test_penalty_matches_hand_calculation():
     expect = 0.0
     for name, block in net.blocks.items():
         for k, bn in block.depthwise_bns().items():
-            expect += (per3 if k == 3 else per5) / norm * float(bn.weight.abs().sum())
+            expect += (per3 if k == 3 else per5) / norm * float(bn.weight.detach().abs().sum())
         g = block.transformer.input_norm.weight
         alive = int((g.abs() > 1e-3).sum())
-        expect += (a + b * (alive ** 2 - max(alive - 1, 0) ** 2)) / norm * float(g.abs().sum())
-    assert float(pen.value(net)) == pytest.approx(expect)
+        expect += (a + b * (alive ** 2 - max(alive - 1, 0) ** 2)) / norm * float(g.detach().abs().sum())
+    assert float(pen.value(net).detach()) == pytest.approx(expect)
     # the gradient the callback adds is rho times the derivative of that value
     net.zero_grad()
     (0.5 * pen.value(net)).backward()
@@ -191,7 +191,7 @@ def test_default_penalty_drives_scales_to_zero_and_shrinks(tmp_path):
     pl.seed_everything(0, verbose=False)
     cfg = _one_block_cfg()
     net = hrnas.HRNet(cfg)
-    assert all(float(bn.weight.min()) == 1.0 for _, b in net.named_blocks() for bn in b.depthwise_bns().values())
+    assert all(float(bn.weight.detach().min()) == 1.0 for _, b in net.named_blocks() for bn in b.depthwise_bns().values())
     cb = hs.ProgressiveShrinking()  # defaults: rho 5e-3, threshold 1e-3 (the original's), warmup 2, interval 2
     evaluator = classification_evaluator(Data(), num_classes=3, max_epochs=30, log_dir=tmp_path, callbacks=[cb],
                                          accelerator="cpu", enable_progress_bar=False, learning_rate=0.1,
