@@ -19,7 +19,8 @@ HR-NAS segmentation and / or keypoint families as held-out downstream targets.
    trains the GNN on its own 20 archs;
 3. compares with the FLOPs and params baselines measured the same way: a line of the label on log10(FLOPs) /
    log10(params) fitted on the same 20 target archs, scored on the same held-out rest (SRCC / Kendall are those of
-   FLOPs / params themselves, up to sign);
+   FLOPs / params themselves, up to sign), and with ``graph_stats``, a least-squares fit on the GNN's three
+   graph-level inputs together (log FLOPs, log params, log node count): what the graph encoder has to add to;
 4. runs a predictor-guided regularized evolution (NNI, retia's ``ConstrainedEvolution``) over the held-out archs
    with half of them as the trial budget, and reports the true rank and gap of what it picks;
 5. with several ``--split-seed`` values: steps 2-3 on every split (the GNN trained on the sources once per seed,
@@ -54,6 +55,9 @@ METRICS = ("srcc", "kendall", "mae", "mape")
 DEFAULT_FAMILIES = "autoformer,zennas"
 DOWNSTREAM = ("hrnas-seg", "hrnas-kp")  # the downstream-task families; a bare --downstream adds the first
 DEFAULT_GRAPH_FEATURES = "flops,params,nodes"
+# the baselines fitted on the same fine-tuning archs: a line on log FLOPs, on log params, and on the GNN's three
+# graph-level inputs (log FLOPs, log params, log node count) together -- what the graph encoder must add to
+BASELINES = ("flops", "params", "graph_stats")
 METRIC_TEXT = {"top1": "top-1 (%)", "miou": "mIoU", "ap": "OKS AP"}
 
 
@@ -134,7 +138,8 @@ def evaluate_target(target: str, families: dict[str, tuple[list, np.ndarray]], a
     ``--split-seed`` values every split is evaluated (the GNN trained on the source families once per predictor
     seed, fine-tuned once per split); metrics are means over splits (and seeds), ``per_split`` keeps each split's
     and ``wins`` counts the splits where the GNN's mean SRCC is above a baseline's."""
-    from retia.evaluators.aiop.predictor import FlopsPredictor, GNNPredictor, ParamsPredictor, split_family
+    from retia.evaluators.aiop.predictor import (FlopsPredictor, GNNPredictor, GraphStatsPredictor, ParamsPredictor,
+                                                 split_family)
 
     graphs, labels = families[target]
     sources = [s for s in families if s != target and get_space(s).task == "classification"]
@@ -144,7 +149,7 @@ def evaluate_target(target: str, families: dict[str, tuple[list, np.ndarray]], a
     make = lambda seed: GNNPredictor(norm=args.norm, epochs=args.predictor_epochs, seed=seed,  # noqa: E731
                                      graph_features=features)
     bases = {seed: make(seed).fit(g_src, y_src) for seed in args.seeds} if sources else {}
-    runs: dict[str, list[dict]] = {"gnn": [], "gnn_zero_shot": [], "flops": [], "params": []}
+    runs: dict[str, list[dict]] = {"gnn": [], "gnn_zero_shot": [], **{name: [] for name in BASELINES}}
     per_split, out = [], None
     for split in args.split_seed:
         ft_idx, test_idx = split_family(graphs, args.finetune, seed=split)
@@ -163,7 +168,8 @@ def evaluate_target(target: str, families: dict[str, tuple[list, np.ndarray]], a
             if first is None:
                 first = tuned
         baselines = {name: cls().fit(g_ft, y_ft) for name, cls in (("flops", FlopsPredictor),
-                                                                     ("params", ParamsPredictor))}
+                                                                     ("params", ParamsPredictor),
+                                                                     ("graph_stats", GraphStatsPredictor))}
         for name, p in baselines.items():
             split_runs[name] = [p.score(g_te, y_te)]
         for name, rows in split_runs.items():
@@ -182,10 +188,10 @@ def evaluate_target(target: str, families: dict[str, tuple[list, np.ndarray]], a
                                  for name, p in (("gnn", first), ("flops", baselines["flops"]))}
     if not runs["gnn_zero_shot"]:
         del runs["gnn_zero_shot"]
-    results = {name: {**_mean_std(rows), "n": rows[0]["n"], "seeds": 1 if name in ("flops", "params")
+    results = {name: {**_mean_std(rows), "n": rows[0]["n"], "seeds": 1 if name in BASELINES
                       else len(args.seeds), "splits": len(args.split_seed)} for name, rows in runs.items()}
     wins = {}
-    for name in ("flops", "params"):
+    for name in BASELINES:
         diff = [s["gnn"]["srcc"] - s[name]["srcc"] for s in per_split]
         wins[name] = {"above": sum(d > 0 for d in diff), "splits": len(diff), "mean_diff": float(np.mean(diff)),
                       "min_diff": float(np.min(diff))}
@@ -203,7 +209,7 @@ def scatter(results: list[dict], path: Path) -> Path:
         rows = res["predictions"]
         true = [r["true"] for r in rows]
         metric = res.get("metric", "top1")
-        for key, color in (("gnn", "C0"), ("flops", "C1"), ("params", "C2")):
+        for key, color in (("gnn", "C0"), ("flops", "C1"), ("params", "C2"), ("graph_stats", "C3")):
             m = res["metrics"][key]
             ax.scatter(true, [r[key] for r in rows], s=18, alpha=0.75, color=color,
                        label=f"{key}: SRCC {m['srcc']:.2f}, MAE {m['mae']:.3g}")
@@ -322,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
                 writer.writerow({"target": r["target"], "metric": r["metric"], "sources": "+".join(r["sources"]),
                                  "predictor": name, **m})
     with (run.path / "predictions.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["target", "metric", "name", "true", "gnn", "flops", "params"])
+        writer = csv.DictWriter(f, fieldnames=["target", "metric", "name", "true", "gnn", *BASELINES])
         writer.writeheader()
         for r in results:
             for row in r["predictions"]:

@@ -10,9 +10,9 @@ from torch import nn
 
 from retia.errors import RetiaError
 from retia.evaluators.aiop.graph import build_graph
-from retia.evaluators.aiop.predictor import (FlopsPredictor, GNNPredictor, KAdapterPredictor, ParamsPredictor,
-                                             TargetNormalizer, evaluate_seeds, kendall_tau, load_predictor,
-                                             regression_metrics, spearman, split_family)
+from retia.evaluators.aiop.predictor import (FlopsPredictor, GNNPredictor, GraphStatsPredictor, KAdapterPredictor,
+                                             ParamsPredictor, TargetNormalizer, evaluate_seeds, kendall_tau,
+                                             load_predictor, regression_metrics, spearman, split_family)
 
 
 def _random_cnn(rng: random.Random) -> nn.Module:
@@ -129,7 +129,8 @@ def test_save_load_every_predictor(family, tmp_path):
     graphs, y = family
     base = GNNPredictor(epochs=2, layers=2, norm="stand_flops").fit(graphs[:40], y[:40])
     preds = [base, KAdapterPredictor(base, epochs=1).fit(graphs[40:60], y[40:60]),
-             FlopsPredictor().fit(graphs[:40], y[:40]), ParamsPredictor().fit(graphs[:40], y[:40])]
+             FlopsPredictor().fit(graphs[:40], y[:40]), ParamsPredictor().fit(graphs[:40], y[:40]),
+             GraphStatsPredictor().fit(graphs[:40], y[:40])]
     for p in preds:
         path = p.save(tmp_path / f"{p.kind}.safetensors")
         q = load_predictor(path)
@@ -145,6 +146,24 @@ def test_flops_baseline_ranks_by_flops(family):
     y = np.log10([g.flops + 1 for g in graphs]) * 2 + 1  # the baseline fits a line on log10(FLOPs + 1)
     m = FlopsPredictor().fit(graphs[:50], y[:50]).score(graphs[50:], y[50:])
     assert m["srcc"] == pytest.approx(1.0) and m["mae"] < 1e-9
+
+
+def test_graph_stats_baseline_is_least_squares_on_the_three_logs(family):
+    graphs, _ = family
+    x = np.array([[np.log10(g.flops + 1), np.log10(g.params + 1), np.log10(g.num_nodes)] for g in graphs])
+    y = x @ np.array([2.0, -1.5, 3.0]) + 0.5  # exactly linear in the three: recovered, ranked perfectly
+    p = GraphStatsPredictor().fit(graphs[:50], y[:50])
+    assert p.coef == pytest.approx([2.0, -1.5, 3.0, 0.5], abs=1e-6)
+    m = p.score(graphs[50:], y[50:])
+    assert m["srcc"] == pytest.approx(1.0) and m["mae"] < 1e-6
+    # on any target its predictions are numpy's least-squares fit with an intercept, by hand
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=len(graphs))
+    design = np.c_[x[:50], np.ones(50)]
+    coef = np.linalg.lstsq(design, z[:50], rcond=None)[0]
+    assert GraphStatsPredictor().fit(graphs[:50], z[:50]).predict(graphs[50:]) == pytest.approx(
+        np.c_[x[50:], np.ones(len(graphs) - 50)] @ coef)
+    assert FlopsPredictor().fit(graphs[:50], y[:50]).score(graphs[50:], y[50:])["srcc"] < 0.999  # FLOPs alone miss it
 
 
 def test_bad_input_is_one_line(family):

@@ -148,12 +148,12 @@ def test_experiment_end_to_end(tmp_path, capsys):
     for r in results:
         assert r["sources"] == expected_sources[r["target"]] and r["test"] == 2
         assert r["metric"] == ("miou" if r["target"] == "hrnas-seg" else "top1")
-        assert set(r["metrics"]) == {"gnn", "gnn_zero_shot", "flops", "params"}
+        assert set(r["metrics"]) == {"gnn", "gnn_zero_shot", "flops", "params", "graph_stats"}
         assert r["metrics"]["gnn"]["seeds"] == 2 and len(r["per_seed"]["gnn"]) == 2
         assert r["search"]["gnn"]["found"]["rank"] in (1, 2)
     assert saved["families"]["hrnas-seg"]["metric"] == "miou" and 0 <= saved["families"]["hrnas-seg"]["max"] <= 1
     assert set(saved["noise_ceiling"]) == {"autoformer", "zennas", "hrnas-seg"}
-    assert len((out / "results.csv").read_text().splitlines()) == 1 + 3 * 4
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 3 * 5
     # reusing the families trains nothing and gives the same families
     reuse = ["--family-file", f"autoformer={out}/families/autoformer-e1-s0.safetensors", "--family-file",
              f"zennas={out}/families/zennas-e1-s0.safetensors", "--family-file", f"hrnas-seg={seg_file}"]
@@ -211,12 +211,12 @@ def test_experiment_averages_over_several_splits(pool):
         expect = ParamsPredictor().fit([graphs[i] for i in ft], labels[ft]).score([graphs[i] for i in te], labels[te])
         assert s["params"]["srcc"] == pytest.approx(expect["srcc"])
         assert s["flops"]["srcc"] == pytest.approx(1.0)  # the labels are a line in log10(FLOPs)
-    for name in ("gnn", "flops", "params"):  # the reported metrics are means over the splits (and seeds)
+    for name in ("gnn", "flops", "params", "graph_stats"):  # the reported metrics are means over the splits (and seeds)
         per = [s[name]["srcc"] for s in several["per_split"]]
         assert several["metrics"][name]["srcc"] == pytest.approx(np.mean(per))
         assert several["metrics"][name]["splits"] == 3
     assert len(several["per_seed"]["gnn"]) == 3 * 2
-    for name in ("flops", "params"):
+    for name in ("flops", "params", "graph_stats"):
         diff = [s["gnn"]["srcc"] - s[name]["srcc"] for s in several["per_split"]]
         assert several["wins"][name] == {"above": sum(d > 0 for d in diff), "splits": 3,
                                          "mean_diff": pytest.approx(np.mean(diff)), "min_diff": pytest.approx(min(diff))}

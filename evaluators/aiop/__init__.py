@@ -3,7 +3,8 @@
 - :mod:`.graph`: ``build_graph(model, input_shape) -> CompGraph``, ``save_graphs`` / ``load_graphs``
   (safetensors + JSON), ``render``; ``python -m retia.evaluators.aiop.graph render --model resnet18 -o g.png``.
 - :mod:`.predictor`: ``GNNPredictor`` (k-GNN regressor), ``KAdapterPredictor``, ``FlopsPredictor``,
-  ``ParamsPredictor``, ``TargetNormalizer`` (``stand`` / ``stand_flops``), ``regression_metrics``,
+  ``ParamsPredictor``, ``GraphStatsPredictor`` (a line on log FLOPs, log params, log node count),
+  ``TargetNormalizer`` (``stand`` / ``stand_flops``), ``regression_metrics``,
   ``load_predictor``.
 - :mod:`.family`: labelled families trained on a task (``build_family``, ``load_family``, ``noise_ceiling``;
   ``python -m retia.evaluators.aiop.family --space autoformer|zennas|hrnas-seg|hrnas-kp --n 40 -o family.safetensors``).

@@ -41,8 +41,8 @@ from retia.errors import RetiaError
 from .graph import FEATURES, OP_TYPES, CompGraph
 
 __all__ = ["TargetNormalizer", "regression_metrics", "spearman", "kendall_tau", "Predictor", "GNNPredictor",
-           "KAdapterPredictor", "FlopsPredictor", "ParamsPredictor", "load_predictor", "evaluate_seeds",
-           "split_family", "graph_tensors"]
+           "KAdapterPredictor", "FlopsPredictor", "ParamsPredictor", "GraphStatsPredictor", "load_predictor",
+           "evaluate_seeds", "split_family", "graph_tensors"]
 
 NORMS = ("none", "stand", "stand_flops")
 
@@ -280,7 +280,8 @@ def load_predictor(path: str | Path) -> Predictor:
     path = _st_path(path)
     tensors = load_weights(path)
     meta = load_meta(path)
-    kinds = {c.kind: c for c in (GNNPredictor, KAdapterPredictor, FlopsPredictor, ParamsPredictor)}
+    kinds = {c.kind: c for c in (GNNPredictor, KAdapterPredictor, FlopsPredictor, ParamsPredictor,
+                                 GraphStatsPredictor)}
     if not meta or meta.get("kind") not in kinds:
         raise RetiaError(f"predictor file {str(path)!r}: its JSON sidecar names no predictor kind "
                          f"(expected one of {', '.join(kinds)})")
@@ -336,6 +337,39 @@ class FlopsPredictor(_LogLinear):
 class ParamsPredictor(_LogLinear):
     kind = "params"
     attr = "params"
+
+
+class GraphStatsPredictor(Predictor):
+    """target ~ linear in log10(FLOPs + 1), log10(params + 1) and log10(node count) -- the GNN's graph-level inputs
+    alone -- least squares with an intercept on the training graphs (minimum-norm when they are collinear). The
+    ablation that says what the GNN's graph encoder adds over the scalars it is also given."""
+
+    kind = "graph_stats"
+    names = ("flops", "params", "nodes")
+
+    def __init__(self) -> None:
+        self.coef = np.zeros(len(self.names) + 1)
+
+    def _x(self, graphs: Sequence[CompGraph]) -> np.ndarray:
+        return np.c_[_global_raw(graphs, self.names), np.ones(len(graphs))]
+
+    def fit(self, graphs, targets):
+        graphs, y = _check(graphs, targets)
+        self.coef = np.linalg.lstsq(self._x(graphs), y, rcond=None)[0]
+        return self
+
+    def predict(self, graphs):
+        graphs, _ = _check(graphs)
+        return self._x(graphs) @ self.coef
+
+    def _state(self):
+        return {"coef": torch.tensor(self.coef, dtype=torch.float64)}, {"features": list(self.names)}
+
+    @classmethod
+    def _from_state(cls, tensors, meta):
+        p = cls()
+        p.coef = tensors["coef"].double().numpy().copy()
+        return p
 
 
 # ---------------------------------------------------------------------------------------------------------------
